@@ -1,0 +1,51 @@
+"""Config parts shared by the recipes: data, tokenizer, towers, optimizer, checkpoints, evaluators."""
+import math
+
+import ml_collections
+
+# The default tiny towers: sized so the default run finishes on a 2-core CPU in under 10 minutes.
+TINY_IMAGE = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=(8, 8), pool_type='map')
+TINY_TEXT = dict(width=128, depth=2, mlp_dim=512, num_heads=4, pool_type='last')
+
+
+def tower(name: str, tiny: dict, **extra) -> dict:
+  """'tiny' -> the explicit tiny sizes; anything else is a variant name such as 'B/16' or 'So400m'."""
+  if name == 'tiny':
+    return {**tiny, **extra}
+  return {'variant': name, **extra}
+
+
+def base_config(arg) -> ml_collections.ConfigDict:
+  """Everything but the loss: a two-tower model on the data set named by `arg.data`."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = arg.steps
+  c.batch_size = arg.batch
+  c.log_every = 50
+  c.objective = 'contrastive'
+  c.dtype = 'float32'              # Compute dtype; parameters stay float32. 'bfloat16' on accelerators.
+  c.attention_impl = 'xla'
+
+  c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=16, seed=0)
+  c.tokenizer = dict(path='', vocab_size=128, train_sentences=20000)  # path='' -> trained and cached.
+
+  c.model = dict(
+      image=tower(arg.img, TINY_IMAGE, pool_type='map'),
+      text=tower(arg.txt, TINY_TEXT, pool_type='last'),
+      out_dim=128 if arg.img == 'tiny' else 768,
+      temperature_init=math.log(10.0),  # SigLIP paper: t' = log 10, b = -10.
+      bias_init=-10.0,
+  )
+  c.optim = dict(name='adamw', lr=1e-3, wd=1e-4, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100,
+                 schedule='cosine', min_lr_ratio=0.0, clip_norm=1.0, frozen=())
+  c.checkpoint = dict(every=500, keep=2)
+  c.checkpoint['async'] = True
+
+  heldout = dict(resolution=arg.res, seed=1, batch_size=250, text_len=16)
+  c.evals = dict(
+      zeroshot=dict(type='zeroshot', every=1000, num_examples=1000, **heldout),
+      retrieval=dict(type='retrieval', every=1000, num_examples=1000, **heldout),
+      linear_probe=dict(type='linear_probe', every=0, num_examples=1000, train_examples=2000, **heldout),
+  )
+  c.debug = dict(kill_at_step=-1)  # Test hook: SIGKILL itself after the checkpoint of this step.
+  return c

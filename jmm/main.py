@@ -1,0 +1,31 @@
+"""Entry point: `python -m jmm.main --config=configs/siglip.py[:args] --workdir=DIR [--config.field=value]`."""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, with an optional :argument.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+
+
+def main(argv) -> None:
+  del argv
+  from jmm import config as config_lib  # Imported after flag parsing so --help stays fast.
+  from jmm import train
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, train.WorkdirError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+  except ValueError as e:
+    if type(e).__name__ == 'CheckpointMismatchError':
+      sys.exit(f'error: {e}')
+    raise
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,247 @@
+"""The training loop: data, model, optimizer, jitted step, evaluations, checkpoints.
+
+`run(config, workdir)` is the whole program; `jmm.main` only parses flags. Restarting with the same workdir
+resumes from the newest checkpoint, data iterator included, so a preempted run continues bit-for-bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jmm import checkpoint as ckpt_lib
+from jmm import config as config_lib
+from jmm import metrics as metrics_lib
+from jmm import optim
+from jmm.data import pipeline
+from jmm.data import synthetic
+from jmm.data import tokenizer as tokenizer_lib
+from jmm.models import two_tower
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be created or written."""
+
+
+def ensure_workdir(workdir: str) -> str:
+  """Creates `workdir` and proves it writable before any expensive work starts."""
+  if not workdir:
+    raise WorkdirError('--workdir is required')
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir!r} cannot be written: {e.strerror or e}') from None
+  return workdir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks shared with jmm.evaluate.
+# ---------------------------------------------------------------------------------------------------------
+def make_source(config, split: str = 'train'):
+  """The training data source named by `config.data.name`."""
+  data = config.data
+  if data.name != 'synthetic':
+    raise config_lib.ConfigError(f'config.data.name={data.name!r}: only "synthetic" is available')
+  return synthetic.SyntheticCaptions(split, resolution=data.resolution, seed=data.seed,
+                                     max_objects=data.max_objects)
+
+
+def make_tokenizer(config, workdir: str):
+  """Loads `config.tokenizer.path`, or trains (once, cached in the workdir) a SentencePiece model."""
+  path = config.tokenizer.get('path') or None
+  source = make_source(config)
+  return tokenizer_lib.get_tokenizer(
+      path, workdir, lambda: source.captions(config.tokenizer.get('train_sentences', 20000)),
+      config.tokenizer.vocab_size)
+
+
+def make_model(config, vocab_size: int) -> two_tower.TwoTower:
+  """The two-tower model described by `config.model`."""
+  m = config.model
+  dtype = DTYPES[config.get('dtype', 'float32')]
+  impl = config.get('attention_impl', 'xla')
+  image = {**m.image.to_dict(), 'attention_impl': impl}
+  text = {**m.text.to_dict(), 'vocab_size': vocab_size, 'attention_impl': impl}
+  for tower in (image, text):
+    if 'patch_size' in tower and tower['patch_size'] is not None:
+      tower['patch_size'] = tuple(tower['patch_size'])
+    for k in [k for k, v in tower.items() if v is None or v == '']:
+      del tower[k]
+  return two_tower.TwoTower(image=image, text=text, out_dim=m.out_dim,
+                            temperature_init=m.temperature_init, bias_init=m.bias_init, dtype=dtype)
+
+
+def init_params(model, config, seed: int):
+  """Initialises parameters from dummy inputs; returns (params, logical partition specs)."""
+  res, text_len = config.data.resolution, config.data.text_len
+  image = jnp.zeros((1, res, res, 3), jnp.float32)
+  text = jnp.zeros((1, text_len), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.key(seed), image, text)
+  return nn.unbox(variables['params']), nn.get_partition_spec(variables)['params']
+
+
+def embed_fns(model, params):
+  """Host-side embedding functions for evaluators: numpy in, L2-normalised numpy out."""
+  img_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, None)[0])
+  txt_fn = jax.jit(lambda p, t: model.apply({'params': p}, None, t)[1])
+  return (lambda x: np.asarray(img_fn(params, x), np.float32),
+          lambda t: np.asarray(txt_fn(params, t), np.float32))
+
+
+def run_evaluators(config, model, params, tokenizer, step: int | None = None) -> dict:
+  """Runs every evaluator in `config.evals` (those due at `step`, or all if None); returns prefixed metrics."""
+  embed_images, embed_texts = embed_fns(model, params)
+  out = {}
+  for name, ev in config.get('evals', {}).items():
+    every = ev.get('every', 0)
+    if step is not None and (not every or step % every):
+      continue
+    module = config_lib.lookup('evaluators', ev.get('type', name))
+    start = time.perf_counter()
+    results = module.evaluate(embed_images, embed_texts, tokenizer, ev)
+    out.update({f'{name}/{k}': v for k, v in results.items()})
+    out[f'{name}/seconds'] = time.perf_counter() - start
+  return out
+
+
+def make_train_step(model, tx, schedule, objective, loss_config):
+  """The jitted step: forward, objective, backward, optimizer update. `state` is donated."""
+  def train_step(state, batch):
+    def loss_fn(params):
+      outputs = model.apply({'params': params}, batch['image'], batch['text'], train=True)
+      return objective.loss_fn(outputs, batch, loss_config)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {**metrics, 'lr': schedule(state['step']), 'grad_norm': optax.global_norm(grads)}
+    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The program.
+# ---------------------------------------------------------------------------------------------------------
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
+  # ----- Set-up: validate everything cheap before anything expensive. -----
+  config_lib.validate(config)
+  workdir = ensure_workdir(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  objective = config_lib.lookup('objectives', config.objective)
+  total_steps, batch_size = config.total_steps, config.batch_size
+
+  # ----- Data. -----
+  tokenizer = make_tokenizer(config, workdir)
+  data_iter = pipeline.train_iterator(
+      make_source(config), tokenizer, batch_size=batch_size, text_len=config.data.text_len, seed=config.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  # ----- Model and optimizer. -----
+  model = make_model(config, tokenizer.vocab_size)
+  params, _ = init_params(model, config, config.seed)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  logging.info('model: %.2fM parameters', num_params / 1e6)
+  print(f'model: {num_params / 1e6:.2f}M parameters; {total_steps} steps of batch {batch_size}', flush=True)
+  tx, schedule = optim.make_optimizer(config.optim, params, total_steps)
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros([], jnp.int32)}
+
+  # ----- Resume. -----
+  ck = config.checkpoint
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=ck.keep, every=ck.every, use_async=ck.get('async', True))
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    state, data_state = checkpointer.restore(start_step, ckpt_lib.abstract_like(state))
+    if data_state:
+      data_iter.set_state(data_state)
+    print(f'resumed from checkpoint at step {start_step}', flush=True)
+
+  train_step = make_train_step(model, tx, schedule, objective, config.loss)
+  writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
+  progress = metrics_lib.Progress(total_steps, batch_size, start_step)
+
+  # SIGTERM (preemption, scancel, kill) asks for a checkpoint at the next step boundary, then a clean exit.
+  stop = {'signal': None}
+  previous_handler = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  kill_at = config.get('debug', {}).get('kill_at_step', -1)
+
+  # ----- Train. -----
+  train_start, metrics = time.perf_counter(), {}
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(data_iter)
+      state, metrics = train_step(state, batch)
+
+      if step % config.log_every == 0 or step == total_steps:
+        metrics = jax.device_get(metrics)
+        metrics.update(progress.report(step, metrics))
+        writer.write(step, metrics)
+
+      evals_due = step < total_steps and any(
+          ev.get('every') and step % ev.every == 0 for ev in config.get('evals', {}).values())
+      if evals_due:
+        t0 = time.perf_counter()
+        results = run_evaluators(config, model, state['params'], tokenizer, step)
+        print(_format_evals(step, results), flush=True)
+        writer.write(step, results)
+        progress.excluded += time.perf_counter() - t0
+
+      t0 = time.perf_counter()
+      checkpointer.save(step, state, data_iter.get_state(), force=bool(stop['signal']))
+      progress.excluded += time.perf_counter() - t0
+      if step == kill_at:  # Test hook: die hard right after a committed checkpoint, as a preemption would.
+        checkpointer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+      if stop['signal']:
+        checkpointer.wait()
+        print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
+        return {'stopped_at_step': step}
+    # ----- Final evaluation. -----
+    checkpointer.save(total_steps, state, data_iter.get_state(), force=True)
+    train_seconds = time.perf_counter() - train_start
+    final = {'step': total_steps, 'train_seconds': train_seconds, 'num_params': num_params,
+             'final_loss': metrics_lib.to_python(metrics['loss']) if 'loss' in metrics else None}
+    final.update(run_evaluators(config, model, state['params'], tokenizer, None))
+    final = {k: (metrics_lib.to_python(v) if v is not None else None) for k, v in final.items()}
+    print(_format_evals(total_steps, final), flush=True)
+    if is_main:
+      writer.write(total_steps, {k: v for k, v in final.items() if v is not None})
+      _atomic_write_json(os.path.join(workdir, 'final_metrics.json'), final)
+    return final
+  finally:
+    checkpointer.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _format_evals(step: int, results: dict) -> str:
+  keys = [k for k in results if k.endswith(('top1', 'top1_seen', 'top1_unseen', 'r1'))]
+  return f'eval @ {step}: ' + ', '.join(f'{k} {results[k]:.3f}' for k in keys)
+
+
+def _atomic_write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
