@@ -1,6 +1,6 @@
 """Helpers shared by the evaluators: materialising a held-out split and embedding it in fixed-size batches.
 
-Evaluators see the model only through two callables (see jmm/evaluators/__init__ and the spec):
+Evaluators see the model only through two callables:
 `embed_images(float32 [N, H, W, 3] in [-1, 1]) -> [N, D]` and `embed_texts(int32 [N, L]) -> [N, D]`, both
 L2-normalised. Everything here is host-side numpy: evaluation sets are small (thousands of examples).
 """
@@ -10,6 +10,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import logging
 
 # Fields `load_split` reads by default: enough for every evaluator in this package.
 DEFAULT_FIELDS = ('image', 'caption', 'label', 'seen', 'colour', 'shape')
@@ -71,8 +72,16 @@ def embed_images_in_batches(embed_images: Callable, images_uint8, batch_size: in
 
 def embed_texts_in_batches(embed_texts: Callable, tokenizer, texts: Sequence[str], text_len: int,
                            batch_size: int) -> np.ndarray:
-  """Tokenises `texts` to int32 [N, text_len] with `tokenizer.encode` and embeds them -> [N, D]."""
+  """Tokenises `texts` to int32 [N, text_len] with `tokenizer.encode` and embeds them -> [N, D].
+
+  Warns when texts were truncated (no eos left in the row): a prompt cut before its class name is silently
+  a different prompt, and the metric then says more about text_len than about the model.
+  """
   tokens = np.asarray(tokenizer.encode(list(texts), text_len), dtype=np.int32)  # [N, text_len]
+  truncated = ~np.any(tokens == getattr(tokenizer, 'eos_id', 1), axis=1)  # [N]
+  if truncated.any():
+    logging.warning('%d of %d texts are longer than text_len=%d tokens and were truncated, e.g. %r',
+                    int(truncated.sum()), len(tokens), text_len, texts[int(np.argmax(truncated))])
   return embed_in_batches(embed_texts, tokens, batch_size)
 
 

@@ -1,0 +1,213 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Logical axis names. Every parameter is created through `nn.with_logical_partitioning`, so `init` returns a tree
+of `nn.Partitioned` boxes whose names `jmm.parallel` maps to mesh axes; activations are constrained with
+`nn.with_logical_constraint` at block boundaries. The names:
+
+  'batch'         examples in a batch (activations only)
+  'length'        tokens / sequence positions (activations; also the position-embedding table)
+  'embed'         model width, the residual stream
+  'mlp'           MLP hidden units
+  'heads'         attention heads
+  'kv'            per-head dimension of queries, keys and values
+  'vocab'         token vocabulary (text embedding table)
+  'patch_height'  patch-embedding kernel rows
+  'patch_width'   patch-embedding kernel columns
+  'conv_in'       image channels entering the patch embedding
+  'probe'         learned query tokens of the MAP head
+  'out'           output (joint embedding) dimension of a tower's head
+  'layers'        the stacked layer axis of an `nn.scan`-ned encoder
+
+Scalars (the two-tower temperature and bias) have the empty name tuple `()`.
+
+Initialisers follow big_vision / the ViT paper: xavier-uniform kernels, zero biases, LayerNorm scale one and
+bias zero. Parameters live in `param_dtype`; compute runs in `dtype` (e.g. bfloat16 with float32 parameters).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jmm.kernels import attention as attention_lib
+
+AXIS_NAMES = ('batch', 'length', 'embed', 'mlp', 'heads', 'kv', 'vocab', 'patch_height', 'patch_width',
+              'conv_in', 'probe', 'out', 'layers')
+ACTIVATION_AXES = ('batch', 'length', 'embed')  # [batch, tokens, width], the residual stream.
+
+Dtype = Any
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def partitioned(init, names: Sequence[str | None]):
+  """`init` boxed with logical axis `names`; shorthand so every param site states its sharding names."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x):
+  """Pins a [batch, tokens, width] activation to its logical axes (a no-op outside a mesh / rules context)."""
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def dense(features, kernel_names, bias_names, *, axis=-1, dtype=jnp.float32, param_dtype=jnp.float32,
+          name=None, kernel_init=xavier):
+  """An `nn.DenseGeneral` whose kernel and bias carry logical axis names.
+
+  DenseGeneral flattens multi-axis kernels to (fan_in, fan_out) for the initialiser, so xavier sees the true
+  fans of e.g. a [width, heads, head_dim] projection.
+  """
+  return nn.DenseGeneral(
+      features=features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=partitioned(kernel_init, kernel_names), bias_init=partitioned(zeros, bias_names))
+
+
+def layer_norm(dtype, param_dtype, name=None):
+  """LayerNorm over 'embed' (statistics in float32 whatever `dtype` is, as flax does)."""
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=partitioned(ones, ('embed',)), bias_init=partitioned(zeros, ('embed',)))
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense(mlp_dim) -> GELU -> Dense(width)."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # x: [batch, tokens, width]
+    width = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.mlp_dim, ('embed', 'mlp'), ('mlp',), name='fc_in', **kw)(x)  # [B, T, mlp]
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    h = nn.gelu(h)  # tanh approximation, as flax / big_vision.
+    return dense(width, ('mlp', 'embed'), ('embed',), name='fc_out', **kw)(h)  # [B, T, width]
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (self or cross) attention: q/k/v projections, `kernels.attention`, output projection.
+
+  q, k and v are DenseGeneral projections to [heads, head_dim], so each is one matmul and the kernel receives
+  [batch, length, heads, head_dim] without a transpose.
+  """
+  num_heads: int
+  qkv_features: int | None = None  # Total q/k/v width; defaults to the input width.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, mask=None):
+    """inputs_q [B, Tq, width], inputs_kv [B, Tk, width] (None: self-attention), mask bool ~[B, H, Tq, Tk]."""
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    width = inputs_q.shape[-1]
+    features = self.qkv_features or width
+    if features % self.num_heads:
+      raise ValueError(f'attention width {features} is not divisible by num_heads={self.num_heads}')
+    head_dim = features // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: dense((self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
+                              name=name, **kw)
+    q = proj('query')(inputs_q)   # [B, Tq, H, D]
+    k = proj('key')(inputs_kv)    # [B, Tk, H, D]
+    v = proj('value')(inputs_kv)  # [B, Tk, H, D]
+    out = attention_lib.dot_product_attention(q, k, v, mask=mask, impl=self.attention_impl)  # [B, Tq, H, D]
+    return dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out', **kw)(out)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, mask=None):  # x: [batch, tokens, width]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = constrain(x)
+    y = layer_norm(name='ln_attn', **kw)(x)
+    y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(y, y, mask)
+    x = constrain(x + y)
+    y = layer_norm(name='ln_mlp', **kw)(x)
+    y = MlpBlock(self.mlp_dim, name='mlp', **kw)(y)
+    return constrain(x + y)
+
+
+class _ScanBlock(Encoder1DBlock):
+  """Encoder1DBlock with the (carry, output) signature `nn.scan` needs."""
+
+  def __call__(self, x, mask=None):
+    return super().__call__(x, mask), None
+
+
+class Encoder(nn.Module):
+  """`depth` pre-LN blocks and a final LayerNorm.
+
+  remat: recompute each block's activations in the backward pass (memory for ~1/3 more compute).
+  scan: one `nn.scan` over stacked layer params (leading 'layers' axis): compile time independent of depth.
+  The param trees differ: `encoderblock_{i}/...` without scan, `encoderblock/...` with a leading depth axis.
+  """
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+  remat: bool = False
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None):  # x: [batch, tokens, width] -> same
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+              attention_impl=self.attention_impl)
+    if self.scan:
+      block = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
+      x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
+                     length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                         name='encoderblock', **kw)(x, mask)
+    else:
+      block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+      for i in range(self.depth):
+        x = block(name=f'encoderblock_{i}', **kw)(x, mask)
+    return layer_norm(self.dtype, self.param_dtype, name='encoder_norm')(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (Lee et al. 2019; big_vision / SigLIP): a learned probe attends to the tokens.
+
+  probe' = MHA(probe, x); out = probe' + MLP(LN(probe')). Returns [batch, width].
+  """
+  num_heads: int
+  mlp_dim: int | None = None  # Defaults to 4 * width.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x):  # x: [batch, tokens, width]
+    batch, _, width = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    probe = self.param('probe', partitioned(xavier, ('probe', 'embed')), (1, width), self.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(self.dtype)[None], (batch, 1, width))  # [B, 1, width]
+    x = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(probe, x)
+    y = layer_norm(name='ln', **kw)(x)
+    x = x + MlpBlock(self.mlp_dim or 4 * width, name='mlp', **kw)(y)
+    return x[:, 0]  # [B, width]
+
+
+def pool(x, pool_type: str, known: Sequence[str], map_head: nn.Module | None = None):
+  """Reduces tokens [batch, tokens, width] to [batch, width] by `pool_type`; shared by both towers."""
+  if pool_type == 'map':
+    return map_head(x)
+  if pool_type == 'gap':
+    return jnp.mean(x, axis=1)
+  if pool_type in ('tok', 'first'):
+    return x[:, 0]
+  if pool_type == 'last':
+    return x[:, -1]
+  raise ValueError(f'unknown pool_type {pool_type!r}; known: {", ".join(known)}')

@@ -1,0 +1,118 @@
+"""Vision Transformer image tower (Dosovitskiy et al. 2021) with SigLIP's MAP pooling (Zhai et al. 2023)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from jmm.models import layers
+
+# Sizes from the ViT paper (Ti/S/B/L), "Scaling ViTs" (g) and SigLIP's shape-optimised So400m ("Getting ViT in
+# Shape", Alabdulmohsin et al. 2023); M is big_vision's 512-wide model.
+VARIANTS = {
+    'Ti': dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    'S': dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    'M': dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    'B': dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    'L': dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    'So400m': dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
+    'g': dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+}
+
+POOL_TYPES = ('map', 'gap', 'tok')
+
+
+def decode_variant(variant: str) -> dict:
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16)); 'B' has no patch_size.
+
+  The short names are how papers and configs name models; the same table sizes the text tower ('B' text).
+  """
+  if not isinstance(variant, str):
+    raise ValueError(f'model variant must be a string like "B/16", got {variant!r}')
+  name, _, patch = variant.partition('/')
+  if name not in VARIANTS:
+    raise ValueError(f'unknown model variant {variant!r}; known: {", ".join(VARIANTS)} '
+                     f'(optionally with a patch size, e.g. "B/16")')
+  out = dict(VARIANTS[name])
+  if patch:
+    if not patch.isdigit() or int(patch) <= 0:
+      raise ValueError(f'model variant {variant!r}: patch size {patch!r} is not a positive integer')
+    out['patch_size'] = (int(patch), int(patch))
+  return out
+
+
+class PatchEmbedding(nn.Module):
+  """Non-overlapping patches -> width: a conv with kernel = stride = patch_size, done as reshape + einsum.
+
+  The kernel has the conv layout [ph, pw, channels, width] (as big_vision's 'embedding'), but the einsum form is
+  one plain matmul, which XLA's CPU backend runs faster than a strided convolution.
+  """
+  width: int
+  patch_size: Sequence[int]
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image):  # image: [B, H, W, C]
+    batch, height, width, channels = image.shape
+    ph, pw = self.patch_size
+    if height % ph or width % pw:
+      raise ValueError(f'image size {height}x{width} is not divisible by the patch size {ph}x{pw}')
+    names = ('patch_height', 'patch_width', 'conv_in', 'embed')
+    kernel = self.param('kernel', layers.partitioned(layers.xavier, names), (ph, pw, channels, self.width),
+                        self.param_dtype)
+    bias = self.param('bias', layers.partitioned(layers.zeros, ('embed',)), (self.width,), self.param_dtype)
+    x = image.astype(self.dtype).reshape(batch, height // ph, ph, width // pw, pw, channels)
+    x = jnp.einsum('bhiwjc,ijcd->bhwd', x, kernel.astype(self.dtype))  # [B, h, w, width]
+    return x + bias.astype(self.dtype)
+
+
+class ViT(nn.Module):
+  """ViT image tower: patches + learned position embedding, pre-LN encoder, pooling, optional linear head.
+
+  __call__(image [B, H, W, 3], train=False) -> (emb [B, out_dim or width], extras) where extras holds
+  'encoded' [B, tokens, width] (after the final LayerNorm) and 'pre_logits' [B, width] (pooled, before the head).
+  `train` is accepted for a uniform tower signature; there is no dropout.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: Sequence[int] = (16, 16)
+  pool_type: str = 'map'
+  out_dim: int | None = None
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+  remat: bool = False
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, image, train: bool = False):
+    del train
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f'unknown ViT pool_type {self.pool_type!r}; known: {", ".join(POOL_TYPES)}')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = PatchEmbedding(self.width, tuple(self.patch_size), name='embedding', **kw)(image)  # [B, h, w, D]
+    batch, h, w, width = x.shape
+    x = x.reshape(batch, h * w, width)  # [B, tokens, D]
+    posemb = self.param('pos_embedding', layers.partitioned(nn.initializers.normal(1 / np.sqrt(width)),
+                                                            ('length', 'embed')),
+                        (h * w, width), self.param_dtype)
+    x = x + posemb.astype(self.dtype)[None]
+    if self.pool_type == 'tok':
+      cls = self.param('cls', layers.partitioned(layers.zeros, ('embed',)), (width,), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+    x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
+                       remat=self.remat, scan=self.scan, name='encoder', **kw)(x)
+    map_head = None
+    if self.pool_type == 'map':
+      map_head = layers.MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
+                                name='MAPHead', **kw)
+    pooled = layers.pool(x, self.pool_type, POOL_TYPES, map_head)  # [B, D]
+    emb = pooled
+    if self.out_dim is not None:
+      emb = layers.dense(self.out_dim, ('embed', 'out'), ('out',), name='head', **kw)(pooled)
+    return emb, {'encoded': x, 'pre_logits': pooled}

@@ -1,0 +1,113 @@
+"""Attention dispatch: every implementation against the plain-jnp reference, forward and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmm.kernels import attention
+
+
+def _naive(q, k, v, mask=None):
+  """Loop-free numpy float64 attention, independent of the jnp reference."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(np.asarray(mask), logits, -1e30)
+  logits -= logits.max(-1, keepdims=True)
+  probs = np.exp(logits)
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def _qkv(shape_q, shape_kv, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(s), dtype) for s in (shape_q, shape_kv, shape_kv))
+
+
+def _random_mask(b, tq, tk, seed=1):
+  """[b, 1, tq, tk] bool with roughly half the keys masked but at least one visible key per query."""
+  mask = np.random.default_rng(seed).random((b, 1, tq, tk)) < 0.5
+  mask[..., 0] = True
+  return jnp.asarray(mask)
+
+
+# (q shape [B, Tq, H, D], kv length): ragged lengths, one-token queries (MAP pooling), ViT-B-like 197 tokens.
+CASES = [((2, 17, 2, 8), 17), ((1, 197, 3, 16), 197), ((3, 1, 4, 8), 23)]
+
+
+@pytest.mark.parametrize('q_shape,tk', CASES)
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_reference_matches_naive(q_shape, tk, use_mask):
+  b, tq, h, d = q_shape
+  q, k, v = _qkv(q_shape, (b, tk, h, d))
+  mask = _random_mask(b, tq, tk) if use_mask else None
+  np.testing.assert_allclose(jax.jit(attention.reference_attention)(q, k, v, mask), _naive(q, k, v, mask),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('impl', ['xla'])  # 'cudnn' has its own GPU-only test below; Pallas kernels go here.
+@pytest.mark.parametrize('q_shape,tk', CASES)
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_dispatch_forward_and_grads(impl, q_shape, tk, use_mask):
+  b, tq, h, d = q_shape
+  q, k, v = _qkv(q_shape, (b, tk, h, d))
+  mask = _random_mask(b, tq, tk) if use_mask else None
+  # A random cotangent, so every output element matters to the gradients.
+  cot = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
+
+  @jax.jit
+  def fwd_and_grads(q, k, v, mask):
+    fn = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, impl=impl)
+    ref = lambda q, k, v: attention.reference_attention(q, k, v, mask)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cot)
+    return (fn(q, k, v), ref(q, k, v), jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v),
+            jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v))
+
+  out, want, grads, ref_grads = fwd_and_grads(q, k, v, mask)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_low_rank_masks_broadcast():
+  """A causal [Tq, Tk] mask and a [B, 1, 1, Tk] padding mask both broadcast to [B, H, Tq, Tk]."""
+  q, k, v = _qkv((2, 6, 2, 8), (2, 6, 2, 8))
+  causal = jnp.tril(jnp.ones((6, 6), bool))
+  padding = jnp.arange(6)[None, None, None, :] < jnp.array([4, 6])[:, None, None, None]
+  for mask in (causal, padding):
+    full = jnp.broadcast_to(mask, (2, 2, 6, 6))
+    want = _naive(q, k, v, full)
+    for impl in ('xla', 'reference'):
+      out = jax.jit(attention.dot_product_attention, static_argnames='impl')(q, k, v, mask, impl=impl)
+      np.testing.assert_allclose(out, want,
+                                 atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_close_to_reference():
+  q, k, v = _qkv((2, 17, 2, 16), (2, 17, 2, 16), jnp.bfloat16)
+  out = attention.dot_product_attention(q, k, v, impl='xla')
+  assert out.dtype == jnp.bfloat16
+  want = _naive(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=3e-2)
+
+
+def test_reference_impl_is_the_reference():
+  q, k, v = _qkv((2, 5, 2, 8), (2, 9, 2, 8))
+  mask = _random_mask(2, 5, 9)
+  np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, mask, impl='reference'),
+                                attention.reference_attention(q, k, v, mask))
+
+
+def test_unknown_impl_is_named():
+  q, k, v = _qkv((1, 4, 1, 8), (1, 4, 1, 8))
+  with pytest.raises(ValueError, match="'flash9000'.*xla"):
+    attention.dot_product_attention(q, k, v, impl='flash9000')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+def test_cudnn_matches_reference():
+  q, k, v = _qkv((2, 197, 4, 64), (2, 197, 4, 64), jnp.bfloat16)
+  out = attention.dot_product_attention(q, k, v, impl='cudnn')
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(attention.reference_attention(q, k, v), np.float32), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,285 @@
+"""Models against hand-written jnp forwards that read the flax param dicts, plus shapes, axes and dtypes."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmm.models import layers
+from jmm.models import text as text_lib
+from jmm.models import two_tower
+from jmm.models import vit
+
+# Tiny towers: 16x16 images in 4x4 patches (16 tokens), 7-token texts.
+VIT = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=(4, 4))
+TXT = dict(vocab_size=50, width=32, depth=2, mlp_dim=64, num_heads=2)
+IMAGE = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
+TEXT = np.random.default_rng(1).integers(0, 50, (3, 7)).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hand-written reference: plain jnp on the unboxed param dict, no flax.
+
+def ref_layer_norm(p, x):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + 1e-6) * p['scale'] + p['bias']
+
+
+def ref_gelu(x):
+  return 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def ref_mha(p, xq, xkv, mask=None):
+  q = jnp.einsum('btd,dhk->bthk', xq, p['query']['kernel']) + p['query']['bias']
+  k = jnp.einsum('btd,dhk->bthk', xkv, p['key']['kernel']) + p['key']['bias']
+  v = jnp.einsum('btd,dhk->bthk', xkv, p['value']['kernel']) + p['value']['bias']
+  logits = jnp.einsum('bqhk,bshk->bhqs', q, k) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, -1e30)
+  w = jnp.exp(logits - logits.max(-1, keepdims=True))
+  w = w / w.sum(-1, keepdims=True)
+  o = jnp.einsum('bhqs,bshk->bqhk', w, v)
+  return jnp.einsum('bqhk,hkd->bqd', o, p['out']['kernel']) + p['out']['bias']
+
+
+def ref_mlp(p, x):
+  h = ref_gelu(x @ p['fc_in']['kernel'] + p['fc_in']['bias'])
+  return h @ p['fc_out']['kernel'] + p['fc_out']['bias']
+
+
+def ref_encoder(p, x, depth, mask=None):
+  for i in range(depth):
+    b = p[f'encoderblock_{i}']
+    y = ref_layer_norm(b['ln_attn'], x)
+    x = x + ref_mha(b['attn'], y, y, mask)
+    x = x + ref_mlp(b['mlp'], ref_layer_norm(b['ln_mlp'], x))
+  return ref_layer_norm(p['encoder_norm'], x)
+
+
+def ref_pool(p, x, pool_type):
+  if pool_type == 'map':
+    probe = jnp.broadcast_to(p['MAPHead']['probe'][None], (x.shape[0], 1, x.shape[-1]))
+    y = ref_mha(p['MAPHead']['attn'], probe, x)
+    y = y + ref_mlp(p['MAPHead']['mlp'], ref_layer_norm(p['MAPHead']['ln'], y))
+    return y[:, 0]
+  return {'gap': lambda: x.mean(1), 'tok': lambda: x[:, 0], 'first': lambda: x[:, 0],
+          'last': lambda: x[:, -1]}[pool_type]()
+
+
+def ref_head(p, x):
+  return x @ p['head']['kernel'] + p['head']['bias'] if 'head' in p else x
+
+
+def ref_vit(p, image, depth, patch, pool_type):
+  x = jax.lax.conv_general_dilated(image, p['embedding']['kernel'], patch, 'VALID',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['embedding']['bias']
+  x = x.reshape(x.shape[0], -1, x.shape[-1]) + p['pos_embedding'][None]
+  if pool_type == 'tok':
+    x = jnp.concatenate([jnp.broadcast_to(p['cls'], (x.shape[0], 1, x.shape[-1])), x], 1)
+  x = ref_encoder(p['encoder'], x, depth)
+  return ref_head(p, ref_pool(p, x, pool_type))
+
+
+def ref_text(p, tokens, depth, pool_type, causal):
+  x = p['token_embedding'][tokens] + p['pos_embedding'][None]
+  length = tokens.shape[1]
+  mask = np.tril(np.ones((length, length), bool)) if causal else None
+  x = ref_encoder(p['encoder'], x, depth, mask)
+  return ref_head(p, ref_pool(p, x, pool_type))
+
+
+@pytest.fixture(scope='module')
+def params():
+  """One jitted init shared by the tests (compiles dominate their time): MAP heads on both towers, so every
+  pool type's params are present; 'tok' gets a random class token added by hand."""
+  model = two_tower.TwoTower(image={**VIT, 'pool_type': 'map'}, text={**TXT, 'pool_type': 'map'}, out_dim=24)
+  p = nn.unbox(jax.jit(model.init)(jax.random.key(0), IMAGE, TEXT)['params'])
+  p['img']['cls'] = jax.random.normal(jax.random.key(1), (VIT['width'],))
+  return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Towers against the reference. Applied eagerly: op-by-op dispatch is cached across tests, unlike jit.
+
+@pytest.mark.parametrize('pool_type', ['map', 'gap', 'tok'])
+def test_vit_matches_reference(params, pool_type):
+  p = params['img']
+  emb, extras = vit.ViT(**VIT, pool_type=pool_type, out_dim=24).apply({'params': p}, IMAGE)
+  assert emb.shape == (3, 24) and extras['pre_logits'].shape == (3, VIT['width'])
+  assert extras['encoded'].shape == (3, 16 + (pool_type == 'tok'), VIT['width'])
+  want = ref_vit(p, IMAGE, VIT['depth'], VIT['patch_size'], pool_type)
+  np.testing.assert_allclose(emb, want, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_without_head(params):
+  p = {k: v for k, v in params['img'].items() if k != 'head'}
+  emb, _ = vit.ViT(**VIT, pool_type='gap').apply({'params': p}, IMAGE)
+  np.testing.assert_allclose(emb, ref_vit(p, IMAGE, VIT['depth'], VIT['patch_size'], 'gap'), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('pool_type,causal', [('last', False), ('first', True), ('gap', False), ('map', True)])
+def test_text_matches_reference(params, pool_type, causal):
+  p = params['txt']
+  model = text_lib.TextTransformer(**TXT, pool_type=pool_type, causal=causal, out_dim=24)
+  emb, extras = model.apply({'params': p}, TEXT)
+  assert emb.shape == (3, 24) and extras['encoded'].shape == (3, 7, TXT['width'])
+  want = ref_text(p, TEXT, TXT['depth'], pool_type, causal)
+  np.testing.assert_allclose(emb, want, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_text_ignores_later_tokens(params):
+  model = text_lib.TextTransformer(**TXT, pool_type='first', causal=True, out_dim=24)
+  changed = TEXT.copy()
+  changed[:, 1:] = (changed[:, 1:] + 1) % TXT['vocab_size']
+  a, b = (model.apply({'params': params['txt']}, t)[0] for t in (TEXT, changed))
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_unknown_pool_type_is_named():
+  with pytest.raises(ValueError, match="'cls'.*map"):
+    jax.eval_shape(vit.ViT(**VIT, pool_type='cls').init, jax.random.key(0), IMAGE)
+  with pytest.raises(ValueError, match="'tok'.*last"):
+    jax.eval_shape(text_lib.TextTransformer(**TXT, pool_type='tok').init, jax.random.key(0), TEXT)
+
+
+def test_scan_and_remat_match_plain_loop(params):
+  """scan stacks the per-layer params on a leading axis; with the same numbers the forwards agree."""
+  p = params['img']
+  want = vit.ViT(**VIT, pool_type='gap', out_dim=24).apply({'params': p}, IMAGE)[0]
+  enc = dict(p['encoder'])
+  blocks = [enc.pop(f'encoderblock_{i}') for i in range(VIT['depth'])]
+  scanned = {**p, 'encoder': {**enc, 'encoderblock': jax.tree.map(lambda *x: jnp.stack(x), *blocks)}}
+  for kw, q in (({'remat': True}, p), ({'scan': True, 'remat': True}, scanned)):
+    got = vit.ViT(**VIT, pool_type='gap', out_dim=24, **kw).apply({'params': q}, IMAGE)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logical axes.
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_every_param_has_logical_axes(scan):
+  model = two_tower.TwoTower(image={**VIT, 'pool_type': 'map', 'scan': scan},
+                             text={**TXT, 'pool_type': 'map', 'scan': scan}, out_dim=16)
+  variables = jax.eval_shape(model.init, jax.random.key(0), IMAGE, TEXT)
+  leaves = jax.tree.leaves(variables['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  for box in leaves:
+    assert len(box.names) == box.value.ndim and set(box.names) <= set(layers.AXIS_NAMES), box
+  specs = jax.tree.leaves(nn.get_partition_spec(variables)['params'],
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert len(specs) == len(leaves)
+  if scan:
+    assert any(box.names[:1] == ('layers',) for box in leaves)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two towers.
+
+def _two_tower(**kw):
+  """The fixture's model (MAP pooling in both towers, out_dim 24)."""
+  return two_tower.TwoTower(image={**VIT, 'pool_type': 'map'}, text={**TXT, 'pool_type': 'map'}, out_dim=24,
+                            **kw)
+
+
+def test_two_tower_outputs_init_and_single_modality(params):
+  model = _two_tower()
+  zimg, ztxt, extras = model.apply({'params': params}, IMAGE, TEXT)
+  assert zimg.shape == ztxt.shape == (3, 24) and zimg.dtype == ztxt.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.linalg.norm(zimg, axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(ztxt, axis=-1), 1.0, atol=1e-5)
+  assert not np.allclose(zimg[0], zimg[1])  # Heads are not zero-initialised.
+  np.testing.assert_allclose(extras['t'], 10.0, rtol=1e-6)
+  np.testing.assert_allclose(extras['b'], -10.0)
+  assert extras['t'].dtype == extras['b'].dtype == jnp.float32 and extras['t'].shape == ()
+  np.testing.assert_allclose(params['t'], math.log(10.0), rtol=1e-6)  # The param holds log t.
+  # Outputs are the normalised tower embeddings.
+  img_emb = ref_vit(params['img'], IMAGE, VIT['depth'], VIT['patch_size'], 'map')
+  np.testing.assert_allclose(zimg, img_emb / jnp.linalg.norm(img_emb, axis=-1, keepdims=True), atol=1e-5)
+
+  zimg_only, none_txt, _ = model.apply({'params': params}, IMAGE, None)
+  none_img, ztxt_only, _ = model.apply({'params': params}, None, TEXT)
+  assert none_txt is None and none_img is None
+  np.testing.assert_allclose(zimg_only, zimg, atol=1e-6)
+  np.testing.assert_allclose(ztxt_only, ztxt, atol=1e-6)
+  # A one-tower init creates only that tower (plus the scalars).
+  shapes = jax.eval_shape(model.init, jax.random.key(0), None, TEXT)['params']
+  assert set(shapes) == {'txt', 't', 'b'}
+
+
+def test_gradients_reach_both_towers_and_scalars(params):
+  # One-layer towers without MAP heads (the fixture's params, pruned) keep the backward pass quick to compile.
+  model = two_tower.TwoTower(image={**VIT, 'depth': 1, 'pool_type': 'gap'},
+                             text={**TXT, 'depth': 1, 'pool_type': 'last'}, out_dim=24)
+  prune = lambda tower: {k: v for k, v in tower.items() if k != 'MAPHead'} | {
+      'encoder': {k: v for k, v in tower['encoder'].items() if k != 'encoderblock_1'}}
+  small = {**params, 'img': prune(params['img']), 'txt': prune(params['txt'])}
+
+  def loss(p):
+    zi, zt, ex = model.apply({'params': p}, IMAGE, TEXT)
+    return jnp.sum(jax.nn.log_sigmoid(ex['t'] * zi @ zt.T + ex['b']))
+
+  grads = jax.jit(jax.grad(loss))(small)
+  for g in (grads['t'], grads['b'], grads['img']['embedding']['kernel'], grads['txt']['token_embedding']):
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_bfloat16_compute_close_to_float32(params):
+  zimg, ztxt, _ = _two_tower().apply({'params': params}, IMAGE, TEXT)
+  bf16 = _two_tower(dtype=jnp.bfloat16)
+  bzimg, bztxt, extras = jax.jit(bf16.apply)({'params': params}, IMAGE, TEXT)
+  assert bzimg.dtype == jnp.float32 and extras['t'].dtype == jnp.float32
+  np.testing.assert_allclose(bzimg, zimg, atol=3e-2)
+  np.testing.assert_allclose(bztxt, ztxt, atol=3e-2)
+  # bf16 compute keeps float32 params.
+  shapes = jax.eval_shape(bf16.init, jax.random.key(0), IMAGE, TEXT)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(shapes)))
+
+
+def test_two_tower_variant_expansion():
+  kwargs = two_tower.tower_kwargs({'variant': 'B/16', 'depth': 1, 'pool_type': 'gap'}, vit.ViT, out_dim=8)
+  assert kwargs == dict(width=768, depth=1, mlp_dim=3072, num_heads=12, patch_size=(16, 16), pool_type='gap',
+                        out_dim=8)
+  # The text tower drops a variant's patch size; explicit keys (out_dim too) beat the defaults.
+  kwargs = two_tower.tower_kwargs({'variant': 'S/16', 'vocab_size': 9, 'out_dim': 4}, text_lib.TextTransformer,
+                                  out_dim=8)
+  assert kwargs == dict(width=384, depth=12, mlp_dim=1536, num_heads=6, vocab_size=9, out_dim=4)
+  with pytest.raises(ValueError, match='pach_size'):
+    two_tower.tower_kwargs({'pach_size': 4}, vit.ViT)
+  # A variant with small overrides builds and runs.
+  model = two_tower.TwoTower(image={'variant': 'Ti/4', 'width': 16, 'depth': 1, 'mlp_dim': 32, 'num_heads': 2},
+                             text={'variant': 'Ti', 'vocab_size': 50, 'width': 16, 'depth': 1, 'mlp_dim': 32,
+                                   'num_heads': 2}, out_dim=8)
+  variables = jax.eval_shape(model.init, jax.random.key(0), IMAGE, TEXT)
+  params = nn.unbox(variables['params'])
+  assert params['img']['embedding']['kernel'].shape == (4, 4, 3, 16)
+  assert params['txt']['head']['kernel'].shape == (16, 8)
+
+
+def test_decode_variant():
+  assert vit.decode_variant('Ti') == dict(width=192, depth=12, mlp_dim=768, num_heads=3)
+  assert vit.decode_variant('S/32') == dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=(32, 32))
+  assert vit.decode_variant('M') == dict(width=512, depth=12, mlp_dim=2048, num_heads=8)
+  assert vit.decode_variant('B/16') == dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16))
+  assert vit.decode_variant('L/14') == dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, patch_size=(14, 14))
+  assert vit.decode_variant('So400m/14')['width'] == 1152
+  assert vit.decode_variant('So400m') == dict(width=1152, depth=27, mlp_dim=4304, num_heads=16)
+  assert vit.decode_variant('g') == dict(width=1408, depth=40, mlp_dim=6144, num_heads=16)
+  with pytest.raises(ValueError, match="'X/16'.*Ti.*So400m"):
+    vit.decode_variant('X/16')
+  with pytest.raises(ValueError, match="'B/x'"):
+    vit.decode_variant('B/x')
+
+
+def test_param_count_matches_formula():
+  """The default tiny image tower (width 128, depth 4, MAP, head 128, 48 px / patch 8) has the expected size."""
+  d, m, depth, tokens, p, out = 128, 512, 4, 36, 8, 128
+  block = 2 * 2 * d + 4 * (d * d + d) + (d * m + m) + (m * d + d)
+  want = (p * p * 3 * d + d) + tokens * d + depth * block + 2 * d + (d + 4 * (d * d + d) + 2 * d + (d * m + m)
+                                                                      + (m * d + d)) + (d * out + out)
+  model = vit.ViT(width=d, depth=depth, mlp_dim=m, num_heads=4, patch_size=(p, p), out_dim=out)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
+  assert sum(x.size for x in jax.tree.leaves(nn.unbox(shapes))) == want == 1_037_312
