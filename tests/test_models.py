@@ -91,14 +91,34 @@ def ref_text(p, tokens, depth, pool_type, causal):
   return ref_head(p, ref_pool(p, x, pool_type))
 
 
+def _two_tower(**kw):
+  """MAP pooling in both towers (so every pool type's params exist), out_dim 24."""
+  return two_tower.TwoTower(image={**VIT, 'pool_type': 'map'}, text={**TXT, 'pool_type': 'map'}, out_dim=24,
+                            **kw)
+
+
+def _small_two_tower():
+  """One-layer towers without MAP heads: the cheapest model to compile an init and a backward pass for."""
+  return two_tower.TwoTower(image={**VIT, 'depth': 1, 'pool_type': 'gap'},
+                            text={**TXT, 'depth': 1, 'pool_type': 'last'}, out_dim=24)
+
+
 @pytest.fixture(scope='module')
 def params():
-  """One jitted init shared by the tests (compiles dominate their time): MAP heads on both towers, so every
-  pool type's params are present; 'tok' gets a random class token added by hand."""
-  model = two_tower.TwoTower(image={**VIT, 'pool_type': 'map'}, text={**TXT, 'pool_type': 'map'}, out_dim=24)
-  p = nn.unbox(jax.jit(model.init)(jax.random.key(0), IMAGE, TEXT)['params'])
-  p['img']['cls'] = jax.random.normal(jax.random.key(1), (VIT['width'],))
-  return p
+  """Random values in the param tree of `_two_tower()` plus a class token for 'tok' pooling.
+
+  Random (not initialiser) values make the reference comparison check every bias and LayerNorm scale, and
+  need no compiled init; `small_init` checks the initialisers.
+  """
+  shapes = nn.unbox(jax.eval_shape(_two_tower().init, jax.random.key(0), IMAGE, TEXT)['params'])
+  shapes['img']['cls'] = jax.ShapeDtypeStruct((VIT['width'],), jnp.float32)
+  rng = np.random.default_rng(2)
+  return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
+
+
+@pytest.fixture(scope='module')
+def small_init():
+  return nn.unbox(jax.jit(_small_two_tower().init)(jax.random.key(0), IMAGE, TEXT)['params'])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,23 +199,14 @@ def test_every_param_has_logical_axes(scan):
 # ---------------------------------------------------------------------------------------------------------
 # Two towers.
 
-def _two_tower(**kw):
-  """The fixture's model (MAP pooling in both towers, out_dim 24)."""
-  return two_tower.TwoTower(image={**VIT, 'pool_type': 'map'}, text={**TXT, 'pool_type': 'map'}, out_dim=24,
-                            **kw)
-
-
-def test_two_tower_outputs_init_and_single_modality(params):
+def test_two_tower_outputs_and_single_modality(params):
   model = _two_tower()
   zimg, ztxt, extras = model.apply({'params': params}, IMAGE, TEXT)
   assert zimg.shape == ztxt.shape == (3, 24) and zimg.dtype == ztxt.dtype == jnp.float32
   np.testing.assert_allclose(jnp.linalg.norm(zimg, axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(ztxt, axis=-1), 1.0, atol=1e-5)
-  assert not np.allclose(zimg[0], zimg[1])  # Heads are not zero-initialised.
-  np.testing.assert_allclose(extras['t'], 10.0, rtol=1e-6)
-  np.testing.assert_allclose(extras['b'], -10.0)
-  assert extras['t'].dtype == extras['b'].dtype == jnp.float32 and extras['t'].shape == ()
-  np.testing.assert_allclose(params['t'], math.log(10.0), rtol=1e-6)  # The param holds log t.
+  np.testing.assert_allclose(extras['t'], np.exp(params['t']), rtol=1e-6)  # The param holds log t.
+  np.testing.assert_allclose(extras['b'], params['b'])
   # Outputs are the normalised tower embeddings.
   img_emb = ref_vit(params['img'], IMAGE, VIT['depth'], VIT['patch_size'], 'map')
   np.testing.assert_allclose(zimg, img_emb / jnp.linalg.norm(img_emb, axis=-1, keepdims=True), atol=1e-5)
@@ -210,19 +221,32 @@ def test_two_tower_outputs_init_and_single_modality(params):
   assert set(shapes) == {'txt', 't', 'b'}
 
 
-def test_gradients_reach_both_towers_and_scalars(params):
-  # One-layer towers without MAP heads (the fixture's params, pruned) keep the backward pass quick to compile.
-  model = two_tower.TwoTower(image={**VIT, 'depth': 1, 'pool_type': 'gap'},
-                             text={**TXT, 'depth': 1, 'pool_type': 'last'}, out_dim=24)
-  prune = lambda tower: {k: v for k, v in tower.items() if k != 'MAPHead'} | {
-      'encoder': {k: v for k, v in tower['encoder'].items() if k != 'encoderblock_1'}}
-  small = {**params, 'img': prune(params['img']), 'txt': prune(params['txt'])}
+def test_initial_values(small_init):
+  p = small_init
+  np.testing.assert_allclose(p['t'], math.log(10.0), rtol=1e-6)  # SigLIP: t' = log 10, so exp(t') = 10.
+  np.testing.assert_allclose(p['b'], -10.0)
+  assert p['t'].shape == p['b'].shape == () and p['t'].dtype == jnp.float32
+  zimg, ztxt, extras = _small_two_tower().apply({'params': p}, IMAGE, TEXT)
+  np.testing.assert_allclose(extras['t'], 10.0, rtol=1e-6)
+  np.testing.assert_allclose(extras['b'], -10.0)
+  assert not np.allclose(zimg[0], zimg[1]) and not np.allclose(ztxt[0], ztxt[1])
+  block = p['img']['encoder']['encoderblock_0']
+  np.testing.assert_array_equal(block['ln_attn']['scale'], 1.0)
+  np.testing.assert_array_equal(block['ln_attn']['bias'], 0.0)
+  np.testing.assert_array_equal(block['attn']['query']['bias'], 0.0)
+  for head in (p['img']['head']['kernel'], p['txt']['head']['kernel']):  # Xavier, not zero.
+    assert 0 < np.abs(head).max() <= np.sqrt(6 / (head.shape[0] + head.shape[1]))
+  np.testing.assert_allclose(np.std(p['img']['pos_embedding']), 1 / np.sqrt(VIT['width']), rtol=0.2)
+
+
+def test_gradients_reach_both_towers_and_scalars(small_init):
+  model = _small_two_tower()
 
   def loss(p):
     zi, zt, ex = model.apply({'params': p}, IMAGE, TEXT)
     return jnp.sum(jax.nn.log_sigmoid(ex['t'] * zi @ zt.T + ex['b']))
 
-  grads = jax.jit(jax.grad(loss))(small)
+  grads = jax.jit(jax.grad(loss))(small_init)
   for g in (grads['t'], grads['b'], grads['img']['embedding']['kernel'], grads['txt']['token_embedding']):
     assert np.all(np.isfinite(g)) and np.any(g != 0)
 
