@@ -208,7 +208,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.excluded += time.perf_counter() - t0
 
       t0 = time.perf_counter()
-      checkpointer.save(step, state, data_iter.get_state(), force=bool(stop['signal']))
+      force = bool(stop['signal']) or step == total_steps
+      checkpointer.save(step, state, data_iter.get_state(), force=force)
       progress.excluded += time.perf_counter() - t0
       if step == kill_at:  # Test hook: die hard right after a committed checkpoint, as a preemption would.
         checkpointer.wait()
@@ -218,7 +219,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
         return {'stopped_at_step': step}
     # ----- Final evaluation. -----
-    checkpointer.save(total_steps, state, data_iter.get_state(), force=True)
     train_seconds = time.perf_counter() - train_start
     final = {'step': total_steps, 'train_seconds': train_seconds, 'num_params': num_params,
              'final_loss': metrics_lib.to_python(metrics['loss']) if 'loss' in metrics else None}
