@@ -25,7 +25,10 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=use_async, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'), options=options)
+    # Handlers named up front, so metadata of an existing checkpoint can be read before the first restore.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -41,6 +44,8 @@ class Checkpointer:
     """Raises CheckpointMismatchError naming the first parameter whose saved shape differs from the model's."""
     meta = self.manager.item_metadata(step)['state']
     meta = getattr(meta, 'tree', meta)
+    if meta is None:
+      raise CheckpointMismatchError(f'checkpoint {self.directory}/{step} has no readable state metadata')
     want = {param_path(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     have = {param_path(p): tuple(getattr(x, 'shape', ()) or ())
@@ -52,7 +57,9 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f'checkpoint {where} was written by a different model: parameters missing from it: {missing[:5]}, '
           f'unexpected in it: {extra[:5]}. Use a fresh --workdir or the config that wrote it.')
-    for key, shape in want.items():
+    # Parameters first: a user recognises 'params/img/...' more readily than its optimizer moments.
+    for key in sorted(want, key=lambda k: (not k.startswith('params/'), k)):
+      shape = want[key]
       if have[key] != shape:
         raise CheckpointMismatchError(
             f'checkpoint {where} was written by a different model shape: {key} has shape {have[key]} there, '
