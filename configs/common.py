@@ -3,7 +3,10 @@ import math
 
 import ml_collections
 
-# The default tiny towers: sized so the default run finishes on a 2-core CPU in under 10 minutes.
+# The default tiny towers: sized so the default run finishes on a 2-core CPU in under 10 minutes. Shape, not
+# colour, is what limits zero-shot accuracy on the synthetic data, so the image tower gets the compute (48 px,
+# 8 px patches: a small shape spans about 2x2 patches). Two text blocks: a one-block run scored 69.7% zero-shot
+# against 79.3% (single runs each).
 TINY_IMAGE = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=(8, 8), pool_type='map')
 TINY_TEXT = dict(width=128, depth=2, mlp_dim=512, num_heads=4, pool_type='last')
 
@@ -26,7 +29,8 @@ def base_config(arg) -> ml_collections.ConfigDict:
   c.dtype = 'float32'              # Compute dtype; parameters stay float32. 'bfloat16' on accelerators.
   c.attention_impl = 'xla'
 
-  c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=16, seed=0)
+  # Synthetic captions are at most 9 tokens with one object; raise text_len with max_objects.
+  c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=12, seed=0)
   c.tokenizer = dict(path='', vocab_size=128, train_sentences=20000)  # path='' -> trained and cached.
 
   c.model = dict(
@@ -36,15 +40,16 @@ def base_config(arg) -> ml_collections.ConfigDict:
       temperature_init=math.log(10.0),  # SigLIP paper: t' = log 10, b = -10.
       bias_init=-10.0,
   )
+  # lr: 1e-3 beat 2e-3 and 3e-3 clearly (zero-shot 67% vs 35% and 18% at ~500 steps), and 5e-4 (61%).
   c.optim = dict(name='adamw', lr=1e-3, wd=1e-4, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100,
                  schedule='cosine', min_lr_ratio=0.0, clip_norm=1.0, frozen=())
   c.checkpoint = dict(every=500, keep=2)
   c.checkpoint['async'] = True
 
-  heldout = dict(resolution=arg.res, seed=1, batch_size=250, text_len=16)
+  heldout = dict(resolution=arg.res, seed=1, batch_size=250, text_len=12)
   c.evals = dict(
-      zeroshot=dict(type='zeroshot', every=1000, num_examples=1000, **heldout),
-      retrieval=dict(type='retrieval', every=1000, num_examples=1000, **heldout),
+      zeroshot=dict(type='zeroshot', every=1000, num_examples=2000, **heldout),
+      retrieval=dict(type='retrieval', every=0, num_examples=1000, **heldout),
       linear_probe=dict(type='linear_probe', every=0, num_examples=1000, train_examples=2000, **heldout),
   )
   c.debug = dict(kill_at_step=-1)  # Test hook: SIGKILL itself after the checkpoint of this step.

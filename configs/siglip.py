@@ -19,7 +19,7 @@ from jmm.config import parse_arg  # noqa: E402
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, img='tiny', txt='tiny', res=48, data='synthetic', batch=128, steps=2000)
+  arg = parse_arg(arg, img='tiny', txt='tiny', res=48, data='synthetic', batch=64, steps=2000)
   config = common.base_config(arg)
   config.loss = dict(name='sigmoid')
   return config

@@ -140,3 +140,14 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   proc = _cli(str(blocker / 'sub'))
   assert proc.returncode != 0
   assert 'cannot be written' in proc.stderr and str(blocker) in proc.stderr
+
+
+@pytest.mark.slow
+def test_clip_config_trains_with_the_softmax_loss(tmp_path):
+  workdir = str(tmp_path / 'clip')
+  _cli(workdir, '--config.total_steps=60', '--config.optim.warmup_steps=5', '--config.checkpoint.every=1000',
+       config='configs/clip.py:res=32', check=True)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['loss']['name'] == 'softmax'
+  losses = [m['loss'] for m in _metrics(workdir) if 'loss' in m]
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
