@@ -211,3 +211,22 @@ def pool(x, pool_type: str, known: Sequence[str], map_head: nn.Module | None = N
   if pool_type == 'last':
     return x[:, -1]
   raise ValueError(f'unknown pool_type {pool_type!r}; known: {", ".join(known)}')
+
+
+def pool_and_project(x, pool_type: str, known: Sequence[str], *, num_heads: int, mlp_dim: int,
+                     out_dim: int | None, attention_impl: str, dtype=jnp.float32, param_dtype=jnp.float32):
+  """A tower's tail, shared by both towers: pool tokens, then the optional linear head to `out_dim`.
+
+  Call it from inside a tower's compact `__call__`: the 'MAPHead' and 'head' submodules it creates attach to
+  that tower, so parameter names are the same as if the tower had built them itself.
+  Returns (emb [batch, out_dim or width], pooled [batch, width]).
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  map_head = None
+  if pool_type == 'map':
+    map_head = MAPHead(num_heads, mlp_dim, attention_impl=attention_impl, name='MAPHead', **kw)
+  pooled = pool(x, pool_type, known, map_head)  # [B, D]
+  emb = pooled
+  if out_dim is not None:
+    emb = dense(out_dim, ('embed', 'out'), ('out',), name='head', **kw)(pooled)
+  return emb, pooled

@@ -50,12 +50,7 @@ class TextTransformer(nn.Module):
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None  # [1, 1, L, L]
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
                        remat=self.remat, scan=self.scan, name='encoder', **kw)(x, mask)
-    map_head = None
-    if self.pool_type == 'map':
-      map_head = layers.MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
-                                name='MAPHead', **kw)
-    pooled = layers.pool(x, self.pool_type, POOL_TYPES, map_head)  # [B, D]
-    emb = pooled
-    if self.out_dim is not None:
-      emb = layers.dense(self.out_dim, ('embed', 'out'), ('out',), name='head', **kw)(pooled)
+    emb, pooled = layers.pool_and_project(
+        x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
+        attention_impl=self.attention_impl, **kw)  # [B, out_dim], [B, D]
     return emb, {'encoded': x, 'pre_logits': pooled}
