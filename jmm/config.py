@@ -71,6 +71,7 @@ _CHOICES = {
     'optim.schedule': ('cosine', 'linear', 'constant'),
     'dtype': ('float32', 'bfloat16'),
     'data.name': ('synthetic',),
+    'attention_impl': ('xla', 'cudnn', 'reference'),
 }
 
 

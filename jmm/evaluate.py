@@ -42,7 +42,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
     state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(state))
   finally:
     checkpointer.close()
-  results = train.run_evaluators(config, model, state['params'], tokenizer, None)
+  results = train.run_evaluators(config, train.make_embed_fns(model), state['params'], tokenizer, None)
   results = {k: metrics_lib.to_python(v) for k, v in results.items()}
   results['step'] = int(step)
   return results
@@ -50,10 +50,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
 
 def main(argv) -> None:
   del argv
+  from jmm import checkpoint
   from jmm import config as config_lib
   try:
     results = evaluate_checkpoint(_CONFIG.value, os.path.abspath(_WORKDIR.value), _STEP.value)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:
     sys.exit(f'error: {e}')
   for k, v in sorted(results.items()):
     print(f'{k:32s} {v:.4f}' if isinstance(v, float) else f'{k:32s} {v}')

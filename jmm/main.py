@@ -14,16 +14,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 
 def main(argv) -> None:
   del argv
-  from jmm import config as config_lib  # Imported after flag parsing so --help stays fast.
+  from jmm import checkpoint  # Imported after flag parsing so --help stays fast.
+  from jmm import config as config_lib
   from jmm import train
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, train.WorkdirError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, train.WorkdirError, FileNotFoundError,
+          checkpoint.CheckpointMismatchError) as e:
     sys.exit(f'error: {e}')
-  except ValueError as e:
-    if type(e).__name__ == 'CheckpointMismatchError':
-      sys.exit(f'error: {e}')
-    raise
 
 
 if __name__ == '__main__':

@@ -96,17 +96,21 @@ def init_params(model, config, seed: int):
   return nn.unbox(variables['params']), nn.get_partition_spec(variables)['params']
 
 
-def embed_fns(model, params):
-  """Host-side embedding functions for evaluators: numpy in, L2-normalised numpy out."""
+def make_embed_fns(model):
+  """Jitted (params, images) -> zimg and (params, tokens) -> ztxt, built once per run so evals compile once."""
   img_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, None)[0])
   txt_fn = jax.jit(lambda p, t: model.apply({'params': p}, None, t)[1])
-  return (lambda x: np.asarray(img_fn(params, x), np.float32),
-          lambda t: np.asarray(txt_fn(params, t), np.float32))
+  return img_fn, txt_fn
 
 
-def run_evaluators(config, model, params, tokenizer, step: int | None = None) -> dict:
-  """Runs every evaluator in `config.evals` (those due at `step`, or all if None); returns prefixed metrics."""
-  embed_images, embed_texts = embed_fns(model, params)
+def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None) -> dict:
+  """Runs every evaluator in `config.evals` (those due at `step`, or all if None); returns prefixed metrics.
+
+  `embed_fns` comes from `make_embed_fns`; evaluators get host-side functions, numpy in and out.
+  """
+  img_fn, txt_fn = embed_fns
+  embed_images = lambda x: np.asarray(img_fn(params, x), np.float32)  # noqa: E731
+  embed_texts = lambda t: np.asarray(txt_fn(params, t), np.float32)  # noqa: E731
   out = {}
   for name, ev in config.get('evals', {}).items():
     every = ev.get('every', 0)
@@ -177,6 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'resumed from checkpoint at step {start_step}', flush=True)
 
   train_step = make_train_step(model, tx, schedule, objective, config.loss)
+  embed_fns = make_embed_fns(model)
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
   progress = metrics_lib.Progress(total_steps, batch_size, start_step)
 
@@ -202,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ev.get('every') and step % ev.every == 0 for ev in config.get('evals', {}).values())
       if evals_due:
         t0 = time.perf_counter()
-        results = run_evaluators(config, model, state['params'], tokenizer, step)
+        results = run_evaluators(config, embed_fns, state['params'], tokenizer, step)
         print(_format_evals(step, results), flush=True)
         writer.write(step, results)
         progress.excluded += time.perf_counter() - t0
@@ -222,7 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_seconds = time.perf_counter() - train_start
     final = {'step': total_steps, 'train_seconds': train_seconds, 'num_params': num_params,
              'final_loss': metrics_lib.to_python(metrics['loss']) if 'loss' in metrics else None}
-    final.update(run_evaluators(config, model, state['params'], tokenizer, None))
+    final.update(run_evaluators(config, embed_fns, state['params'], tokenizer, None))
     final = {k: (metrics_lib.to_python(v) if v is not None else None) for k, v in final.items()}
     print(_format_evals(total_steps, final), flush=True)
     if is_main:

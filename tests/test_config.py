@@ -11,8 +11,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name, arg=None):
-  from ml_collections.config_flags import config_flags
-  del config_flags
   import importlib.util
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
@@ -51,6 +49,7 @@ def test_validate_names_the_bad_field():
   for field, value, pattern in [
       ('loss.name', 'hinge', 'config.loss.name'),
       ('optim.name', 'sgd9', 'config.optim.name'),
+      ('attention_impl', 'flash9', 'config.attention_impl'),
       ('total_steps', 0, 'config.total_steps'),
       ('data.resolution', 50, 'not divisible by the patch size'),
       ('objective', 'nonexistent', "unknown objectives name 'nonexistent'"),
