@@ -164,6 +164,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Model and optimizer. -----
   model = make_model(config, tokenizer.vocab_size)
   params, _ = init_params(model, config, config.seed)
+  if config.get('init_from'):  # A jmm workdir or a converted params file (jmm.convert); not on resume.
+    from jmm import convert  # pylint: disable=g-import-not-at-top
+    params = convert.load_init_params(config.init_from, params)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   logging.info('model: %.2fM parameters', num_params / 1e6)
   print(f'model: {num_params / 1e6:.2f}M parameters; {total_steps} steps of batch {batch_size}', flush=True)
@@ -191,15 +194,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kill_at = config.get('debug', {}).get('kill_at_step', -1)
 
   # ----- Train. -----
-  train_start, metrics = time.perf_counter(), {}
+  train_start, metrics, data_stats = time.perf_counter(), {}, {}
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
+      # Host-side counters from the input pipeline (bad records skipped, per source): summed, logged.
+      for name, count in (batch.pop('data_stats', None) or {}).items():
+        data_stats[name] = data_stats.get(name, 0) + int(np.sum(count))
       state, metrics = train_step(state, batch)
 
       if step % config.log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
+        metrics.update({f'data/{k}': v for k, v in data_stats.items()})
         metrics.update(progress.report(step, metrics))
         writer.write(step, metrics)
 
