@@ -62,6 +62,13 @@ def make_source(config, split: str = 'train'):
                                      max_objects=data.max_objects)
 
 
+def make_train_iterator(config, tokenizer, per_process_batch: int, process_index: int, process_count: int):
+  """This process's iterator of training batches (its slice of the data), with get_state / set_state."""
+  return pipeline.train_iterator(
+      make_source(config), tokenizer, batch_size=per_process_batch, text_len=config.data.text_len,
+      seed=config.seed, shard_index=process_index, shard_count=process_count)
+
+
 def make_tokenizer(config, workdir: str):
   """Loads `config.tokenizer.path`, or trains (once, cached in the workdir) a SentencePiece model."""
   path = config.tokenizer.get('path') or None
@@ -157,9 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ----- Data. -----
   tokenizer = make_tokenizer(config, workdir)
-  data_iter = pipeline.train_iterator(
-      make_source(config), tokenizer, batch_size=batch_size, text_len=config.data.text_len, seed=config.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+  data_iter = make_train_iterator(config, tokenizer, batch_size // jax.process_count(),
+                                  jax.process_index(), jax.process_count())
 
   # ----- Model and optimizer. -----
   model = make_model(config, tokenizer.vocab_size)
