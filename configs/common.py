@@ -31,6 +31,13 @@ def base_config(arg) -> ml_collections.ConfigDict:
 
   # Synthetic captions are at most 9 tokens with one object; raise text_len with max_objects.
   c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=12, seed=0)
+  # Real data (jmm/data, README "Train on your own data"): name='webdataset' | 'array_record' | 'tfds' |
+  # 'mixture'. paths: glob / {000..099} brace patterns, '::'-separated, local or fsspec; keys '' = per-kind
+  # defaults (webdataset: jpg/jpeg/png/webp + txt; array_record and tfds: 'image' + 'caption').
+  # transform: 'resize' (big_vision SigLIP), 'resize_crop', 'random_resized_crop' (crop_scale of the area).
+  c.data.update(paths='', image_key='', caption_key='', tfds_name='', split='train', data_dir='', mixture=(),
+                transform='resize', crop_scale=(0.9, 1.0), value_range=(-1.0, 1.0), max_consecutive_bad=1000,
+                worker_count=0, num_threads=1, prefetch=2)  # Throughput knobs: Grain processes, threads, batches.
   c.tokenizer = dict(path='', vocab_size=128, train_sentences=20000)  # path='' -> trained and cached.
 
   c.model = dict(

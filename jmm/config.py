@@ -70,7 +70,8 @@ _CHOICES = {
     'optim.name': ('adamw', 'adafactor'),
     'optim.schedule': ('cosine', 'linear', 'constant'),
     'dtype': ('float32', 'bfloat16'),
-    'data.name': ('synthetic',),
+    'data.name': ('synthetic', 'webdataset', 'array_record', 'tfds', 'mixture'),
+    'data.transform': ('resize', 'resize_crop', 'random_resized_crop'),
     'attention_impl': ('xla', 'cudnn', 'reference'),
 }
 
@@ -112,6 +113,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if patch is not None and config.data.resolution % patch[0]:
     raise ConfigError(f'config.data.resolution={config.data.resolution} is not divisible by the '
                       f'patch size {tuple(patch)}')
+  if config.data.name != 'synthetic':
+    from jmm.data import mixture  # Local import, as above: file sources only when a config names them.
+    try:
+      mixture.validate_data(config.data)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(str(e)) from None
   lookup('objectives', config.objective)
   for name, ev in config.get('evals', {}).items():
     lookup('evaluators', ev.get('type', name))

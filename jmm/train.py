@@ -54,19 +54,39 @@ def ensure_workdir(workdir: str) -> str:
 # Building blocks shared with jmm.evaluate.
 # ---------------------------------------------------------------------------------------------------------
 def make_source(config, split: str = 'train'):
-  """The training data source named by `config.data.name`."""
+  """The training data source named by `config.data.name`: synthetic, a file source, or a SourceMixture."""
   data = config.data
-  if data.name != 'synthetic':
-    raise config_lib.ConfigError(f'config.data.name={data.name!r}: only "synthetic" is available')
-  return synthetic.SyntheticCaptions(split, resolution=data.resolution, seed=data.seed,
-                                     max_objects=data.max_objects)
+  if data.name == 'synthetic':
+    return synthetic.SyntheticCaptions(split, resolution=data.resolution, seed=data.seed,
+                                       max_objects=data.max_objects)
+  from jmm.data import mixture  # pylint: disable=g-import-not-at-top  (file sources only when asked for)
+  try:
+    return mixture.make_sources(data, split)
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.ConfigError(str(e)) from None
 
 
 def make_train_iterator(config, tokenizer, per_process_batch: int, process_index: int, process_count: int):
-  """This process's iterator of training batches (its slice of the data), with get_state / set_state."""
-  return pipeline.train_iterator(
-      make_source(config), tokenizer, batch_size=per_process_batch, text_len=config.data.text_len,
-      seed=config.seed, shard_index=process_index, shard_count=process_count)
+  """This process's iterator of training batches (its slice of the data), with get_state / set_state.
+
+  File sources skip and count bad records: each batch carries `data_stats` (per source) for the trainer.
+  """
+  data = config.data
+  knobs = dict(num_threads=data.get('num_threads', 1), prefetch=data.get('prefetch', 2),
+               worker_count=data.get('worker_count', 0))
+  source = make_source(config)
+  if data.name == 'synthetic':
+    return pipeline.train_iterator(
+        source, tokenizer, batch_size=per_process_batch, text_len=data.text_len, seed=config.seed,
+        shard_index=process_index, shard_count=process_count, **knobs)
+  from jmm.data import mixture  # pylint: disable=g-import-not-at-top
+  sources, weights = (source.sources, source.weights) if isinstance(source, mixture.SourceMixture) else (
+      [source], None)
+  return pipeline.file_train_iterator(
+      sources, tokenizer, mixture.make_transform(data), weights=weights, batch_size=per_process_batch,
+      text_len=data.text_len, seed=config.seed, shard_index=process_index, shard_count=process_count,
+      value_range=tuple(data.get('value_range', (-1.0, 1.0))),
+      max_consecutive_bad=data.get('max_consecutive_bad', 1000), **knobs)
 
 
 def make_tokenizer(config, workdir: str):

@@ -12,10 +12,13 @@ once per batch: the uint8 -> float conversion is one vectorised op and SentenceP
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import grain
 import numpy as np
+
+from jmm.data import transforms
 
 _UINT32 = 2**32
 
@@ -107,6 +110,177 @@ def train_iterator(source, tokenizer, *, batch_size: int, text_len: int, seed: i
                     num_epochs=num_epochs, drop_remainder=drop_remainder, shard_index=shard_index,
                     shard_count=shard_count)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+  if worker_count > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                               per_worker_buffer_size=prefetch))
+  return iter(iter_ds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real data (files): sources that may hold bad records, decoded per example, mixed, batched around the bad.
+#
+#   per source: indices -> shard -> shuffle -> repeat -> read + decode + augment (one example; a bad one
+#   becomes a small marker)  ==mix by weight==>  batches of `batch_size` good examples, bad ones counted
+#
+# Bad records are filtered at the example level, before batching, so every batch keeps its fixed shape (jit)
+# and every good example arrives exactly once per epoch; the counts of the bad ones ride in the next batch as
+# `batch['data_stats']` ({'bad_records/NAME': n, 'bad_shards/NAME': n}), which is how they cross from Grain
+# worker processes to the trainer. The batcher pulls until the batch is full and keeps nothing buffered past
+# it, so the iterator state is still the parent's ({'next_index': n}) and resumption stays exact.
+# ---------------------------------------------------------------------------------------------------------
+class _ReadExample:
+  """Grain map_with_index: (position in the stream, source index) -> decoded example, or a bad-record marker.
+
+  The augmentation rng is seeded by (seed, source id, position), so an example's crop is a pure function of
+  where it sits in the stream: the same after a resume, different in each epoch.
+  """
+
+  def __init__(self, source, transform, seed: int, source_id: int, log_first: int = 5):
+    self.source, self.transform = source, transform
+    self.seed, self.source_id = int(seed), int(source_id)
+    self.log_first = log_first
+    self._logged = 0
+
+  def __call__(self, position: int, index) -> dict:
+    try:
+      record = self.source[int(index)]
+      caption = record.get('caption')
+      if not isinstance(caption, str) or not caption.strip():
+        raise transforms.BadRecord(f'example {int(index)}: missing or empty caption')
+      rng = np.random.default_rng([self.seed % _UINT32, self.source_id, int(position)])
+      return {'image': self.transform(record['image'], rng), 'caption': caption, 'source': self.source_id}
+    except Exception as e:  # pylint: disable=broad-except  (a bad record is counted, never a crash)
+      kind = getattr(e, 'kind', 'record')
+      if self._logged < self.log_first:
+        self._logged += 1
+        logging.warning('%s: skipping bad %s: %s: %s', getattr(self.source, 'name', '?'), kind,
+                        type(e).__name__, e)
+      return {'bad': kind, 'source': self.source_id, 'error': f'{type(e).__name__}: {e}'}
+
+
+class _GoodBatches(grain.IterDataset):
+  """Grain IterDataset: a stream of examples and bad-record markers -> fixed-size batches of good examples."""
+
+  def __init__(self, parent: grain.IterDataset, **kw):
+    super().__init__(parent)
+    self.kw = kw
+
+  def __iter__(self):
+    return _GoodBatchIterator(self._parent.__iter__(), **self.kw)
+
+
+class _GoodBatchIterator(grain.DatasetIterator):
+  """Pulls examples until `batch_size` good ones; counts the bad ones per source and kind into the batch."""
+
+  def __init__(self, parent, *, batch_size: int, tokenizer, text_len: int, names: Sequence[str],
+               value_range: Sequence[float], drop_remainder: bool, keep_captions: bool, max_consecutive_bad: int):
+    super().__init__(parent)
+    self.batch_size, self.tokenizer, self.text_len = batch_size, tokenizer, text_len
+    self.names, self.value_range = list(names), tuple(value_range)
+    self.drop_remainder, self.keep_captions = drop_remainder, keep_captions
+    self.max_consecutive_bad = max_consecutive_bad
+
+  def __next__(self) -> dict:
+    images, captions, consecutive_bad = [], [], 0
+    stats = {f'bad_{kind}s/{name}': 0 for name in self.names for kind in ('record', 'shard')}
+    while len(images) < self.batch_size:
+      try:
+        example = next(self._parent)
+      except StopIteration:
+        if self.drop_remainder or not (images or any(stats.values())):
+          raise
+        break  # The last, partial batch (possibly of 0 examples, to carry the counts of trailing bad ones).
+      if 'bad' in example:
+        stats[f'bad_{example["bad"]}s/{self.names[example["source"]]}'] += 1
+        consecutive_bad += 1
+        if consecutive_bad >= self.max_consecutive_bad:
+          raise RuntimeError(
+              f'{consecutive_bad} bad records in a row (the last from {self.names[example["source"]]!r}: '
+              f'{example["error"]}): the data looks unreadable; see the warnings above')
+        continue
+      consecutive_bad = 0
+      images.append(example['image'])
+      captions.append(example['caption'])
+    out = {'image': transforms.to_value_range(np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
+                                              self.value_range),  # [B, H, W, 3]
+           'text': self.tokenizer.encode(captions, self.text_len) if captions else np.zeros((0, self.text_len),
+                                                                                             np.int32),
+           'data_stats': stats}
+    if self.keep_captions:
+      out['caption'] = captions
+    return out
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+def make_example_dataset(sources: Sequence, transform, *, weights: Sequence[float] | None = None, seed: int,
+                         shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
+                         shard_count: int = 1) -> grain.MapDataset:
+  """The stream of decoded examples (or bad-record markers) of one source or a weighted mixture of several.
+
+  Each source is sliced for this process (`shard_index`::`shard_count`: processes never share an example),
+  shuffled with its own seed and repeated, then read and decoded inside the map, so with worker processes the
+  decoding happens there. Several sources are mixed by `weights` (`grain.MapDataset.mix`); a mixture repeats
+  forever (num_epochs must be None), since epochs of sources of different sizes do not line up.
+  """
+  if not sources:
+    raise ValueError('no data sources given')
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} must be in [0, shard_count={shard_count})')
+  if len(sources) > 1 and num_epochs is not None:
+    raise ValueError(f'a mixture of {len(sources)} sources repeats forever: num_epochs must be None, '
+                     f'got {num_epochs}')
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f'num_epochs must be positive or None (forever), got {num_epochs}')
+  datasets = []
+  for k, source in enumerate(sources):
+    if len(source) < shard_count:
+      raise ValueError(f'source {getattr(source, "name", k)!r} has {len(source)} entries, fewer than the '
+                       f'{shard_count} processes reading it')
+    ds = grain.MapDataset.range(len(source))
+    if shard_count > 1:
+      ds = ds.slice(slice(shard_index, None, shard_count))
+    if shuffle:
+      ds = ds.shuffle(seed=(int(seed) + 1_000_003 * k) % _UINT32)  # Grain takes a uint32 seed.
+    ds = ds.repeat(num_epochs)
+    datasets.append(ds.map_with_index(_ReadExample(source, transform, seed, k)))
+  if len(datasets) == 1:
+    return datasets[0]
+  if weights is None or len(weights) != len(datasets) or min(weights) <= 0:
+    raise ValueError(f'mixture weights must be {len(datasets)} positive numbers, got {weights}')
+  return grain.MapDataset.mix(datasets, [float(w) for w in weights])
+
+
+def file_train_iterator(sources: Sequence, tokenizer, transform, *, batch_size: int, text_len: int, seed: int,
+                        weights: Sequence[float] | None = None, shuffle: bool = True,
+                        num_epochs: int | None = None, drop_remainder: bool = True, shard_index: int = 0,
+                        shard_count: int = 1, value_range: Sequence[float] = (-1.0, 1.0), num_threads: int = 1,
+                        prefetch: int = 2, worker_count: int = 0, keep_captions: bool = False,
+                        max_consecutive_bad: int = 1000) -> grain.DatasetIterator:
+  """Batches of good examples from file sources (jmm.data.webdataset / array_record / tfds_source), resumable.
+
+  Batches: image float32 [B, H, W, 3] in `value_range`, text int32 [B, text_len], data_stats (bad records
+  and shards skipped since the previous batch, per source name), and caption (list of str) if keep_captions.
+  Threads (`num_threads`) and worker processes (`worker_count`) as in `train_iterator`; with workers the
+  whole per-example path (read, decode, augment) and the batching run in them. `max_consecutive_bad` bad
+  records in a row raise instead of spinning: data that is all bad is an error, not a stall.
+  """
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  examples = make_example_dataset(sources, transform, weights=weights, seed=seed, shuffle=shuffle,
+                                  num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+  iter_ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                       prefetch_buffer_size=prefetch * batch_size))
+  names = [getattr(s, 'name', f'source{k}') for k, s in enumerate(sources)]
+  if len(set(names)) != len(names):
+    raise ValueError(f'data source names must be distinct (they key the bad-record counts), got {names}')
+  iter_ds = _GoodBatches(iter_ds, batch_size=batch_size, tokenizer=tokenizer, text_len=text_len, names=names,
+                         value_range=value_range, drop_remainder=drop_remainder, keep_captions=keep_captions,
+                         max_consecutive_bad=max_consecutive_bad)
   if worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                per_worker_buffer_size=prefetch))

@@ -1,0 +1,123 @@
+"""ArrayRecord files of image-caption records as a random-access source, and the record format.
+
+Record format (what `python -m jmm.data.prepare` writes): one msgpack map per record,
+
+    {'image': <encoded image bytes, JPEG/PNG/WebP as found>, 'caption': <UTF-8 str>, 'key': <str, optional>}
+
+msgpack because it is compact for bytes (no base64), has readers in every language, and is already here
+(Flax serialises with it). Files are written with `group_size:1`, so reading one record decompresses only
+that record: what Grain's random access needs (ArrayRecord's own advice for random-access use).
+
+Damage is counted, never fatal: a record that is not such a map, lacks a field or whose image does not decode
+is a bad record; a file that cannot be opened or holds no record is a bad shard. Each bad shard stays in the
+index as one placeholder entry whose read raises `BadRecord(kind='shard')`, so it is counted once per epoch.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Sequence
+
+import msgpack
+from array_record.python import array_record_data_source
+from array_record.python import array_record_module
+
+from jmm.data.transforms import BadRecord
+from jmm.data.webdataset import good_captions, expand_paths
+
+WRITER_OPTIONS = 'group_size:1'
+
+
+def encode_record(image: bytes, caption: str, key: str | None = None) -> bytes:
+  """One example -> the msgpack bytes of an ArrayRecord record (see the module docstring)."""
+  record = {'image': bytes(image), 'caption': str(caption)}
+  if key is not None:
+    record['key'] = str(key)
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_record(data: bytes, image_key: str = 'image', caption_key: str = 'caption') -> dict:
+  """msgpack record bytes -> {'image': bytes, 'caption': str}; raises BadRecord naming what is wrong."""
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
+    raise BadRecord(f'record is not msgpack: {type(e).__name__}: {e}') from None
+  if not isinstance(record, dict):
+    raise BadRecord(f'record is a {type(record).__name__}, expected a map with {image_key!r}, {caption_key!r}')
+  image, caption = record.get(image_key), record.get(caption_key)
+  if not isinstance(image, bytes) or not image:
+    raise BadRecord(f'record has no {image_key!r} bytes (keys: {sorted(record)})')
+  if isinstance(caption, bytes):
+    caption = caption.decode('utf-8', 'replace')
+  if not isinstance(caption, str) or not caption.strip():
+    raise BadRecord(f'record has no {caption_key!r} text (keys: {sorted(record)})')
+  return {'image': image, 'caption': caption.strip()}
+
+
+def write_records(path: str, records) -> int:
+  """Writes encoded records (bytes) to one ArrayRecord file; returns how many."""
+  writer = array_record_module.ArrayRecordWriter(str(path), WRITER_OPTIONS)
+  n = 0
+  try:
+    for record in records:
+      writer.write(record)
+      n += 1
+  finally:
+    writer.close()
+  return n
+
+
+class ArrayRecordSource:
+  """Random access to the msgpack image-caption records of ArrayRecord files (see the module docstring).
+
+  `source[i]` -> {'image': encoded bytes, 'caption': str}, or raises BadRecord.
+  """
+
+  def __init__(self, paths: str | Sequence[str], *, name: str = 'array_record', image_key: str = 'image',
+               caption_key: str = 'caption', field: str = 'data.paths'):
+    self.name = name
+    self.image_key, self.caption_key = image_key, caption_key
+    self.paths = expand_paths(paths, field)
+    good, self.shard_errors = [], {}
+    for path in self.paths:
+      try:
+        n = len(array_record_data_source.ArrayRecordDataSource([path]))
+        if n == 0:
+          self.shard_errors[path] = 'empty shard (no records)'
+        else:
+          good.append(path)
+      except (RuntimeError, OSError, ValueError) as e:
+        self.shard_errors[path] = f'unreadable: {type(e).__name__}: {e}'
+    for path, err in self.shard_errors.items():
+      logging.warning('%s: shard %s: %s (skipped, counted as bad_shards/%s)', name, path, err, name)
+    if not good:
+      raise ValueError(f'{field}: no record in any of the {len(self.paths)} files of {paths!r} '
+                       f'(empty or unreadable: {dict(itertools.islice(self.shard_errors.items(), 3))})')
+    self._good_paths = good
+    self._records = array_record_data_source.ArrayRecordDataSource(good)
+    self._num_records = len(self._records)
+    self._bad_shards = list(self.shard_errors.items())  # Placeholder entries after the records.
+
+  def __len__(self) -> int:
+    return self._num_records + len(self._bad_shards)
+
+  def __repr__(self) -> str:
+    return f'ArrayRecordSource({self.name!r}, {len(self.paths)} files, {len(self)} entries)'
+
+  def _raw(self, index: int) -> bytes:
+    if not 0 <= index < len(self):
+      raise IndexError(f'index {index} out of range for {self!r}')
+    if index >= self._num_records:
+      path, err = self._bad_shards[index - self._num_records]
+      raise BadRecord(f'{path}: {err}', kind='shard')
+    try:
+      return self._records[index]
+    except (RuntimeError, OSError, ValueError) as e:
+      raise BadRecord(f'cannot read record {index}: {type(e).__name__}: {e}') from None
+
+  def __getitem__(self, index: int) -> dict:
+    return decode_record(self._raw(int(index)), self.image_key, self.caption_key)
+
+  def captions(self, n: int) -> list[str]:
+    """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on."""
+    return list(itertools.islice(good_captions(self, lambda i: self[i]['caption']), n))

@@ -1,0 +1,92 @@
+"""A TFDS data set as a random-access image-caption source, through `tfds.data_source` (no TensorFlow at run time).
+
+`tfds.data_source(name, split=..., data_dir=...)` reads a prepared data set's ArrayRecord files directly and
+decodes its features with numpy, which is what Grain wants: random access, no tf.data graph. The data set must
+be prepared already (`download=False`: training never downloads). Which features hold the image and caption
+is configurable (`data.image_key`, `data.caption_key`), with '/' for nested features ('caption/text') and the
+first element taken when a caption feature holds several (COCO-style lists).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import numpy as np
+
+from jmm.data.transforms import BadRecord
+from jmm.data.webdataset import good_captions
+
+
+def _tfds_data_source(name: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only when used)
+  return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+
+
+def _lookup(example: Any, key: str):
+  value = example
+  for part in key.split('/'):
+    if not isinstance(value, dict) or part not in value:
+      have = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise BadRecord(f'example has no feature {key!r} (at {part!r}; has {have})')
+    value = value[part]
+  return value
+
+
+def _as_text(value) -> str:
+  if isinstance(value, np.ndarray):
+    if value.ndim == 0:
+      value = value.item()
+    elif value.size:
+      value = value.reshape(-1)[0]
+    else:
+      value = ''
+  elif isinstance(value, (list, tuple)):
+    value = value[0] if value else ''
+  if isinstance(value, bytes):
+    value = value.decode('utf-8', 'replace')
+  return str(value).strip() if value is not None else ''
+
+
+class TfdsSource:
+  """Random access to (image, caption) pairs of a prepared TFDS data set; `source[i]` -> dict or BadRecord.
+
+  `data_source_fn(name, split, data_dir)` builds the underlying random-access source; tests pass a stand-in.
+  """
+
+  def __init__(self, name: str, split: str = 'train', *, data_dir: str | None = None, image_key: str = 'image',
+               caption_key: str = 'caption', source_name: str | None = None,
+               data_source_fn: Callable[[str, str, str | None], Any] | None = None):
+    self.name = source_name or name
+    self.tfds_name, self.split, self.data_dir = name, split, data_dir
+    self.image_key, self.caption_key = image_key, caption_key
+    try:
+      self._source = (data_source_fn or _tfds_data_source)(name, split, data_dir)
+    except Exception as e:  # TFDS raises many types for a missing or unprepared data set.
+      raise ValueError(f'config.data.tfds_name={name!r} (split {split!r}, data_dir {data_dir!r}) cannot be '
+                       f'opened: {type(e).__name__}: {e}') from e
+    if len(self._source) == 0:
+      raise ValueError(f'config.data.tfds_name={name!r} split {split!r} has no examples')
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __repr__(self) -> str:
+    return f'TfdsSource({self.tfds_name!r}, split={self.split!r}, {len(self)} examples)'
+
+  def __getitem__(self, index: int) -> dict:
+    try:
+      example = self._source[int(index)]
+    except (OSError, ValueError, RuntimeError) as e:
+      raise BadRecord(f'{self.tfds_name}[{index}]: cannot read: {type(e).__name__}: {e}') from None
+    image = _lookup(example, self.image_key)
+    caption = _as_text(_lookup(example, self.caption_key))
+    if not caption:
+      raise BadRecord(f'{self.tfds_name}[{index}]: empty {self.caption_key!r}')
+    if isinstance(image, np.ndarray) and image.dtype == object:
+      image = image.item()  # Encoded bytes (SkipDecoding) arrive as a 0-d object array.
+    return {'image': image, 'caption': caption}
+
+  def captions(self, n: int) -> list[str]:
+    """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on."""
+    return list(itertools.islice(
+        good_captions(self, lambda i: _as_text(_lookup(self._source[i], self.caption_key))), n))
