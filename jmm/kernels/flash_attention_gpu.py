@@ -51,18 +51,6 @@ def _block(requested: int, length: int) -> int:
   return int(max(_MIN_BLOCK, min(requested, pl.next_power_of_2(length))))
 
 
-def _dot(a, b, contract, precision):
-  """a @ b contracting a's axis contract[0] with b's contract[1], in float32 (tl.dot accumulates in fp32)."""
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
-
-
-def _positions(start, size: int, axis: int):
-  """Absolute positions start + [0, size) as a [size, 1] (axis 0) or [1, size] (axis 1) int32 column/row."""
-  shape = (size, 1) if axis == 0 else (1, size)
-  return start + lax.broadcasted_iota(jnp.int32, shape, axis)
-
-
 def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, has_segments, precision):
   """One (q block, batch, head): o = softmax(q k^T * scale) v over all key blocks, and the rows' logsumexp."""
   if has_segments:
@@ -71,7 +59,7 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, h
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   i = pl.program_id(0)
   q = q_ref[...]  # [block_q, D]
-  q_pos = _positions(i * block_q, block_q, 0)
+  q_pos = common.positions(i * block_q, block_q, 0)
   q_seg = qseg_ref[...][:, None] if has_segments else None  # [block_q, 1]
   head_dim = q.shape[-1]
 
@@ -80,15 +68,15 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, h
     start = j * block_k
     k = k_ref[pl.ds(start, block_k), :]  # [block_k, D]
     v = v_ref[pl.ds(start, block_k), :]
-    s = _dot(q, k, (1, 1), precision) * scale  # [block_q, block_k] fp32
+    s = common.dot(q, k, (1, 1), precision) * scale  # [block_q, block_k] fp32
     k_seg = kseg_ref[pl.ds(start, block_k)][None, :] if has_segments else None
-    s, _ = common.mask_logits(s, q_pos, _positions(start, block_k, 1), kv_len=kv_len, causal=causal,
+    s, _ = common.mask_logits(s, q_pos, common.positions(start, block_k, 1), kv_len=kv_len, causal=causal,
                               q_seg=q_seg, k_seg=k_seg)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [block_q]
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0), precision)
+    acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v, (1, 0), precision)
     return acc, m_new, l
 
   acc = jnp.zeros((block_q, head_dim), jnp.float32)
@@ -104,10 +92,10 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, h
 
 def _probs_and_dlogits(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, *, scale, causal, kv_len, precision):
   """Recomputes p [block_q, block_k] from the saved logsumexp and returns (p, dlogits) (dlogits w.r.t. q k^T)."""
-  s = _dot(q, k, (1, 1), precision) * scale
+  s = common.dot(q, k, (1, 1), precision) * scale
   s, allowed = common.mask_logits(s, q_pos, k_pos, kv_len=kv_len, causal=causal, q_seg=q_seg, k_seg=k_seg)
   p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
-  dp = _dot(do, v, (1, 1), precision)  # [block_q, block_k]
+  dp = common.dot(do, v, (1, 1), precision)  # [block_q, block_k]
   ds = p * (dp - delta[:, None])
   if allowed is not None:  # Masked logits are constants: no gradient (matters only for fully masked rows).
     ds = jnp.where(allowed, ds, 0.0)
@@ -123,7 +111,7 @@ def _dkdv_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_q_blocks, h
   j = pl.program_id(0)
   k = k_ref[...]  # [block_k, D]
   v = v_ref[...]
-  k_pos = _positions(j * block_k, block_k, 1)
+  k_pos = common.positions(j * block_k, block_k, 1)
   k_seg = kseg_ref[...][None, :] if has_segments else None
 
   def body(i, carry):
@@ -132,10 +120,10 @@ def _dkdv_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_q_blocks, h
     rows = pl.ds(start, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_seg = qseg_ref[rows][:, None] if has_segments else None
-    p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[rows], delta_ref[rows], _positions(start, block_q, 0), k_pos,
+    p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[rows], delta_ref[rows], common.positions(start, block_q, 0), k_pos,
                                q_seg, k_seg, scale=scale, causal=causal, kv_len=kv_len, precision=precision)
-    dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)  # [block_k, D]
-    dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)
+    dv = dv + common.dot(p.astype(do.dtype), do, (0, 0), precision)  # [block_k, D]
+    dk = dk + common.dot(ds.astype(q.dtype), q, (0, 0), precision)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -153,7 +141,7 @@ def _dq_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, ha
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
   i = pl.program_id(0)
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  q_pos = _positions(i * block_q, block_q, 0)
+  q_pos = common.positions(i * block_q, block_q, 0)
   q_seg = qseg_ref[...][:, None] if has_segments else None
 
   def body(j, dq):
@@ -161,9 +149,9 @@ def _dq_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, ha
     cols = pl.ds(start, block_k)
     k, v = k_ref[cols, :], v_ref[cols, :]
     k_seg = kseg_ref[cols][None, :] if has_segments else None
-    _, ds = _probs_and_dlogits(q, k, v, do, lse, delta, q_pos, _positions(start, block_k, 1), q_seg, k_seg,
+    _, ds = _probs_and_dlogits(q, k, v, do, lse, delta, q_pos, common.positions(start, block_k, 1), q_seg, k_seg,
                                scale=scale, causal=causal, kv_len=kv_len, precision=precision)
-    return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)
+    return dq + common.dot(ds.astype(k.dtype), k, (1, 0), precision)
 
   upper = num_kv_blocks
   if causal:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 MASK_VALUE = float(-0.7 * np.finfo(np.float32).max)  # As jax.nn.dot_product_attention's XLA path.
 
@@ -98,6 +99,18 @@ def mask_logits(s, q_pos, k_pos, *, kv_len: int, causal: bool, q_seg=None, k_seg
   if k_pos is not None and kv_len is not None:
     s = jnp.where(k_pos < kv_len, s, -jnp.inf)
   return s, allowed
+
+
+def dot(a, b, contract, precision=None):
+  """a @ b contracting a's axis contract[0] with b's axis contract[1], accumulated and returned in float32."""
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def positions(start, size: int, axis: int):
+  """Absolute positions start + [0, size) as a [size, 1] (axis 0) or [1, size] (axis 1) int32 column / row."""
+  shape = (size, 1) if axis == 0 else (1, size)
+  return start + lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
 def is_power_of_two(n: int) -> bool:
