@@ -5,6 +5,7 @@ resumes from the newest checkpoint, data iterator included, so a preempted run c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -22,6 +24,7 @@ from jmm import checkpoint as ckpt_lib
 from jmm import config as config_lib
 from jmm import metrics as metrics_lib
 from jmm import optim
+from jmm import parallel
 from jmm.data import pipeline
 from jmm.data import synthetic
 from jmm.data import tokenizer as tokenizer_lib
@@ -123,10 +126,50 @@ def init_params(model, config, seed: int):
   return nn.unbox(variables['params']), nn.get_partition_spec(variables)['params']
 
 
-def make_embed_fns(model):
-  """Jitted (params, images) -> zimg and (params, tokens) -> ztxt, built once per run so evals compile once."""
-  img_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, None)[0])
-  txt_fn = jax.jit(lambda p, t: model.apply({'params': p}, None, t)[1])
+def create_state(model, config, mesh, axis_rules=parallel.LOGICAL_RULES, params=None):
+  """The train state {'params', 'opt_state', 'step'}, created already sharded on `mesh`.
+
+  Shapes and logical names come from `jax.eval_shape` (nothing allocated), shardings from `jmm.parallel`, and
+  one `jax.jit(init, out_shardings=...)` then materialises each shard on its own device: a model too big for
+  one device never exists whole. `params` (e.g. converted weights) replace the random initialisation.
+  Returns (state, state_shardings, tx, schedule).
+  """
+  res, text_len = config.data.resolution, config.data.text_len
+  image = jnp.zeros((1, res, res, 3), jnp.float32)
+  text = jnp.zeros((1, text_len), jnp.int32)
+  key = jax.random.key(config.seed)
+  with nn.logical_axis_rules(axis_rules):
+    boxed = jax.eval_shape(model.init, key, image, text)['params']
+  logical_specs = nn.get_partition_spec(boxed)
+  abstract_params = nn.unbox(boxed)
+  tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+  param_shardings = parallel.logical_shardings(abstract_params, logical_specs, mesh, axis_rules)
+
+  def init_fn(key, params):
+    if params is None:
+      params = nn.unbox(model.init(key, image, text)['params'])
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros([], jnp.int32)}
+
+  abstract_state = jax.eval_shape(init_fn, key, abstract_params)
+  shardings = {'params': param_shardings,
+               'opt_state': parallel.opt_state_shardings(abstract_state['opt_state'], abstract_params,
+                                                         param_shardings, mesh),
+               'step': parallel.replicated(mesh)}
+  if params is not None:
+    params = jax.device_put(params, param_shardings)
+  with nn.logical_axis_rules(axis_rules):
+    state = jax.jit(init_fn, out_shardings=shardings)(key, params)
+  return state, shardings, tx, schedule
+
+
+def make_embed_fns(model, mesh=None):
+  """Jitted (params, images) -> zimg and (params, tokens) -> ztxt, built once per run so evals compile once.
+
+  On a mesh the outputs are replicated, so every process can read the whole embedding back to the host.
+  """
+  out = {} if mesh is None else {'out_shardings': parallel.replicated(mesh)}
+  img_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, None)[0], **out)
+  txt_fn = jax.jit(lambda p, t: model.apply({'params': p}, None, t)[1], **out)
   return img_fn, txt_fn
 
 
@@ -151,9 +194,18 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
   return out
 
 
-def make_train_step(model, tx, schedule, objective, loss_config):
-  """The jitted step: forward, objective, backward, optimizer update. `state` is donated."""
+def make_train_step(model, tx, schedule, objective, loss_config, *, state_shardings=None, mesh=None,
+                    axis_rules=parallel.LOGICAL_RULES):
+  """The jitted step: forward, objective, backward, optimizer update. `state` is donated.
+
+  With `state_shardings` and `mesh` the step is compiled for them (batch split over the mesh's batch axes,
+  metrics replicated) and the activations follow the logical-axis rules; without, it is a plain jit.
+  """
   def train_step(state, batch):
+    with nn.logical_axis_rules(axis_rules):
+      return _train_step(state, batch)
+
+  def _train_step(state, batch):
     def loss_fn(params):
       outputs = model.apply({'params': params}, batch['image'], batch['text'], train=True)
       return objective.loss_fn(outputs, batch, loss_config)
@@ -164,7 +216,10 @@ def make_train_step(model, tx, schedule, objective, loss_config):
     metrics = {**metrics, 'lr': schedule(state['step']), 'grad_norm': optax.global_norm(grads)}
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if state_shardings is None or mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,43 +229,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
   # ----- Set-up: validate everything cheap before anything expensive. -----
   config_lib.validate(config)
+  total_steps, batch_size = config.total_steps, config.batch_size
+  mesh = parallel.make_mesh(config.get('mesh'))  # MeshError (before any compilation) if it does not fit.
+  parallel.check_batch(batch_size, mesh)
+  axis_rules = parallel.rules(config, mesh)
   workdir = ensure_workdir(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   objective = config_lib.lookup('objectives', config.objective)
-  total_steps, batch_size = config.total_steps, config.batch_size
+  print(f'mesh: {parallel.describe(mesh)}', flush=True)
 
   # ----- Data. -----
   tokenizer = make_tokenizer(config, workdir)
   data_iter = make_train_iterator(config, tokenizer, batch_size // jax.process_count(),
                                   jax.process_index(), jax.process_count())
 
-  # ----- Model and optimizer. -----
+  # ----- Model and optimizer: state created sharded on the mesh. -----
   model = make_model(config, tokenizer.vocab_size)
-  params, _ = init_params(model, config, config.seed)
-  if config.get('init_from'):  # A jmm workdir or a converted params file (jmm.convert); not on resume.
-    from jmm import convert  # pylint: disable=g-import-not-at-top
-    params = convert.load_init_params(config.init_from, params)
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  logging.info('model: %.2fM parameters', num_params / 1e6)
-  print(f'model: {num_params / 1e6:.2f}M parameters; {total_steps} steps of batch {batch_size}', flush=True)
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps)
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros([], jnp.int32)}
-
-  # ----- Resume. -----
   ck = config.checkpoint
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=ck.keep, every=ck.every, use_async=ck.get('async', True))
   start_step = checkpointer.latest_step() or 0
+  init = None
+  if config.get('init_from') and not start_step:  # A jmm workdir or converted weights (jmm.convert).
+    from jmm import convert  # pylint: disable=g-import-not-at-top
+    params, _ = init_params(model, config, config.seed)
+    init = convert.load_init_params(config.init_from, params)
+  with jax.set_mesh(mesh):
+    state, state_shardings, tx, schedule = create_state(model, config, mesh, axis_rules, params=init)
+  num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  logging.info('model: %.2fM parameters', num_params / 1e6)
+  print(f'model: {num_params / 1e6:.2f}M parameters; {total_steps} steps of batch {batch_size}', flush=True)
+
+  # ----- Resume (onto this mesh, whatever mesh wrote the checkpoint). -----
   if start_step:
     state, data_state = checkpointer.restore(start_step, ckpt_lib.abstract_like(state))
     if data_state:
       data_iter.set_state(data_state)
     print(f'resumed from checkpoint at step {start_step}', flush=True)
 
-  train_step = make_train_step(model, tx, schedule, objective, config.loss)
-  embed_fns = make_embed_fns(model)
+  train_step = make_train_step(model, tx, schedule, objective, config.loss, state_shardings=state_shardings,
+                               mesh=mesh, axis_rules=axis_rules)
+  embed_fns = make_embed_fns(model, mesh)
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
   progress = metrics_lib.Progress(total_steps, batch_size, start_step)
 
@@ -222,13 +283,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Train. -----
   train_start, metrics, data_stats = time.perf_counter(), {}, {}
   step = start_step
+  scope = contextlib.ExitStack()
   try:
+    scope.enter_context(jax.set_mesh(mesh))  # The context mesh: shard_map losses and sharding constraints.
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       # Host-side counters from the input pipeline (bad records skipped, per source): summed, logged.
       for name, count in (batch.pop('data_stats', None) or {}).items():
         data_stats[name] = data_stats.get(name, 0) + int(np.sum(count))
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, parallel.global_batch(batch, mesh))
 
       if step % config.log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
@@ -246,6 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.excluded += time.perf_counter() - t0
 
       t0 = time.perf_counter()
+      if jax.process_count() > 1:  # Every process must agree to stop at the same step (saves are collective).
+        stop['signal'] = int(multihost_utils.process_allgather(np.int32(stop['signal'] or 0)).max()) or None
       force = bool(stop['signal']) or step == total_steps
       checkpointer.save(step, state, data_iter.get_state(), force=force)
       progress.excluded += time.perf_counter() - t0
@@ -269,6 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return final
   finally:
     checkpointer.close()
+    scope.close()
     signal.signal(signal.SIGTERM, previous_handler)
 
 

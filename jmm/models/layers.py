@@ -43,9 +43,22 @@ zeros = nn.initializers.zeros
 ones = nn.initializers.ones
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+  """flax's box, minus one trap: DenseGeneral initialises a multi-axis kernel flat ([fan_in, fan_out]) and unboxes
+  it before reshaping, which under a mesh would constrain a rank-2 value with rank-3 names. A value whose rank
+  differs from its names is not constrained; the reshaped kernel is, when it is unboxed in its real shape."""
+
+  def unbox(self, apply_constraint=True):
+    return super().unbox(apply_constraint and len(self.names) == jnp.ndim(self.value))
+
+
 def partitioned(init, names: Sequence[str | None]):
   """`init` boxed with logical axis `names`; shorthand so every param site states its sharding names."""
-  return nn.with_logical_partitioning(init, tuple(names))
+  names = tuple(names)
+
+  def wrapper(*args, **kwargs):
+    return _LogicallyPartitioned(init(*args, **kwargs), names)
+  return wrapper
 
 
 def constrain(x):
@@ -54,28 +67,53 @@ def constrain(x):
 
 
 def dense(features, kernel_names, bias_names, *, axis=-1, dtype=jnp.float32, param_dtype=jnp.float32,
-          name=None, kernel_init=xavier):
+          name=None, kernel_init=xavier, use_bias=True):
   """An `nn.DenseGeneral` whose kernel and bias carry logical axis names.
 
   DenseGeneral flattens multi-axis kernels to (fan_in, fan_out) for the initialiser, so xavier sees the true
   fans of e.g. a [width, heads, head_dim] projection.
   """
   return nn.DenseGeneral(
-      features=features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name,
+      features=features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
       kernel_init=partitioned(kernel_init, kernel_names), bias_init=partitioned(zeros, bias_names))
 
 
-def layer_norm(dtype, param_dtype, name=None):
-  """LayerNorm over 'embed' (statistics in float32 whatever `dtype` is, as flax does)."""
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+def layer_norm(dtype, param_dtype, name=None, epsilon: float = 1e-6):
+  """LayerNorm over 'embed' (statistics in float32 whatever `dtype` is, as flax does).
+
+  epsilon: 1e-6 as big_vision / SigLIP; CLIP and open_clip use torch's default 1e-5.
+  """
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=partitioned(ones, ('embed',)), bias_init=partitioned(zeros, ('embed',)))
 
 
+def quick_gelu(x):
+  """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (Radford et al. 2021)."""
+  return x * nn.sigmoid(1.702 * x)
+
+
+# MLP activations by name. 'gelu_tanh' (the default) is flax's nn.gelu, as big_vision / SigLIP (HF:
+# 'gelu_pytorch_tanh'); 'gelu' is the exact erf form, torch's nn.GELU() (open_clip); 'quick_gelu' is OpenAI CLIP's.
+ACTIVATIONS = {
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'quick_gelu': quick_gelu,
+}
+
+
+def activation_fn(name: str):
+  """The MLP activation called `name` (a key of ACTIVATIONS); ValueError naming the known ones otherwise."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'unknown activation {name!r}; known: {", ".join(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense(mlp_dim) -> GELU -> Dense(width)."""
+  """Transformer MLP: Dense(mlp_dim) -> activation (GELU, tanh form by default) -> Dense(width)."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, x):  # x: [batch, tokens, width]
@@ -83,7 +121,7 @@ class MlpBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.mlp_dim, ('embed', 'mlp'), ('mlp',), name='fc_in', **kw)(x)  # [B, T, mlp]
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    h = nn.gelu(h)  # tanh approximation, as flax / big_vision.
+    h = activation_fn(self.activation)(h)  # Default: tanh approximation, as flax / big_vision.
     return dense(width, ('mlp', 'embed'), ('embed',), name='fc_out', **kw)(h)  # [B, T, width]
 
 
@@ -100,8 +138,11 @@ class MultiHeadAttention(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, mask=None):
-    """inputs_q [B, Tq, width], inputs_kv [B, Tk, width] (None: self-attention), mask bool ~[B, H, Tq, Tk]."""
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, causal: bool = False, segment_ids=None):
+    """inputs_q [B, Tq, width], inputs_kv [B, Tk, width] (None: self-attention), mask bool ~[B, H, Tq, Tk].
+
+    causal / segment_ids go to the kernel as such (see `kernels.attention`), so flash kernels need no dense mask.
+    """
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     width = inputs_q.shape[-1]
     features = self.qkv_features or width
@@ -114,7 +155,8 @@ class MultiHeadAttention(nn.Module):
     q = proj('query')(inputs_q)   # [B, Tq, H, D]
     k = proj('key')(inputs_kv)    # [B, Tk, H, D]
     v = proj('value')(inputs_kv)  # [B, Tk, H, D]
-    out = attention_lib.dot_product_attention(q, k, v, mask=mask, impl=self.attention_impl)  # [B, Tq, H, D]
+    out = attention_lib.dot_product_attention(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids,
+                                              impl=self.attention_impl)  # [B, Tq, H, D]
     return dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out', **kw)(out)
 
 
@@ -125,24 +167,27 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  activation: str = 'gelu_tanh'
+  norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask=None):  # x: [batch, tokens, width]
+  def __call__(self, x, mask=None, segment_ids=None, causal: bool = False):  # x: [batch, tokens, width]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = constrain(x)
-    y = layer_norm(name='ln_attn', **kw)(x)
-    y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(y, y, mask)
+    y = layer_norm(name='ln_attn', epsilon=self.norm_eps, **kw)(x)
+    y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(y, y, mask, causal=causal,
+                                                                                    segment_ids=segment_ids)
     x = constrain(x + y)
-    y = layer_norm(name='ln_mlp', **kw)(x)
-    y = MlpBlock(self.mlp_dim, name='mlp', **kw)(y)
+    y = layer_norm(name='ln_mlp', epsilon=self.norm_eps, **kw)(x)
+    y = MlpBlock(self.mlp_dim, activation=self.activation, name='mlp', **kw)(y)
     return constrain(x + y)
 
 
 class _ScanBlock(Encoder1DBlock):
   """Encoder1DBlock with the (carry, output) signature `nn.scan` needs."""
 
-  def __call__(self, x, mask=None):
-    return super().__call__(x, mask), None
+  def __call__(self, x, mask=None, segment_ids=None, causal: bool = False):
+    return super().__call__(x, mask, segment_ids, causal), None
 
 
 class Encoder(nn.Module):
@@ -160,21 +205,23 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
   remat: bool = False
   scan: bool = False
+  activation: str = 'gelu_tanh'
+  norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask=None):  # x: [batch, tokens, width] -> same
+  def __call__(self, x, mask=None, *, causal: bool = False, segment_ids=None):  # x: [batch, tokens, width]
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl)
+              attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps)
     if self.scan:
       block = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
                      length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
-                         name='encoderblock', **kw)(x, mask)
+                         name='encoderblock', **kw)(x, mask, segment_ids, causal)
     else:
       block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
       for i in range(self.depth):
-        x = block(name=f'encoderblock_{i}', **kw)(x, mask)
-    return layer_norm(self.dtype, self.param_dtype, name='encoder_norm')(x)
+        x = block(name=f'encoderblock_{i}', **kw)(x, mask, segment_ids, causal)
+    return layer_norm(self.dtype, self.param_dtype, name='encoder_norm', epsilon=self.norm_eps)(x)
 
 
 class MAPHead(nn.Module):
@@ -187,6 +234,8 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  activation: str = 'gelu_tanh'
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):  # x: [batch, tokens, width]
@@ -195,8 +244,8 @@ class MAPHead(nn.Module):
     probe = self.param('probe', partitioned(xavier, ('probe', 'embed')), (1, width), self.param_dtype)
     probe = jnp.broadcast_to(probe.astype(self.dtype)[None], (batch, 1, width))  # [B, 1, width]
     x = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(probe, x)
-    y = layer_norm(name='ln', **kw)(x)
-    x = x + MlpBlock(self.mlp_dim or 4 * width, name='mlp', **kw)(y)
+    y = layer_norm(name='ln', epsilon=self.norm_eps, **kw)(x)
+    x = x + MlpBlock(self.mlp_dim or 4 * width, activation=self.activation, name='mlp', **kw)(y)
     return x[:, 0]  # [B, width]
 
 
@@ -214,19 +263,24 @@ def pool(x, pool_type: str, known: Sequence[str], map_head: nn.Module | None = N
 
 
 def pool_and_project(x, pool_type: str, known: Sequence[str], *, num_heads: int, mlp_dim: int,
-                     out_dim: int | None, attention_impl: str, dtype=jnp.float32, param_dtype=jnp.float32):
+                     out_dim: int | None, attention_impl: str, dtype=jnp.float32, param_dtype=jnp.float32,
+                     activation: str = 'gelu_tanh', norm_eps: float = 1e-6, head_bias: bool = True):
   """A tower's tail, shared by both towers: pool tokens, then the optional linear head to `out_dim`.
 
   Call it from inside a tower's compact `__call__`: the 'MAPHead' and 'head' submodules it creates attach to
   that tower, so parameter names are the same as if the tower had built them itself.
+  out_dim None or 0: no head (0 is how a config says so, since None fields fall back to the model's out_dim;
+  HF SigLIP's image tower, for one, uses the MAP head's output as the embedding). head_bias=False: CLIP's
+  bias-free projections.
   Returns (emb [batch, out_dim or width], pooled [batch, width]).
   """
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   map_head = None
   if pool_type == 'map':
-    map_head = MAPHead(num_heads, mlp_dim, attention_impl=attention_impl, name='MAPHead', **kw)
+    map_head = MAPHead(num_heads, mlp_dim, attention_impl=attention_impl, activation=activation,
+                       norm_eps=norm_eps, name='MAPHead', **kw)
   pooled = pool(x, pool_type, known, map_head)  # [B, D]
   emb = pooled
-  if out_dim is not None:
-    emb = dense(out_dim, ('embed', 'out'), ('out',), name='head', **kw)(pooled)
+  if out_dim:
+    emb = dense(out_dim, ('embed', 'out'), ('out',), name='head', use_bias=head_bias, **kw)(pooled)
   return emb, pooled
