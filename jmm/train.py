@@ -81,7 +81,7 @@ def make_train_iterator(config, tokenizer, per_process_batch: int, process_index
   if data.name == 'synthetic':
     return pipeline.train_iterator(
         source, tokenizer, batch_size=per_process_batch, text_len=data.text_len, seed=config.seed,
-        shard_index=process_index, shard_count=process_count, **knobs)
+        shard_index=process_index, shard_count=process_count, split_batches=True, **knobs)
   from jmm.data import mixture  # pylint: disable=g-import-not-at-top
   sources, weights = (source.sources, source.weights) if isinstance(source, mixture.SourceMixture) else (
       [source], None)

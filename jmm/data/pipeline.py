@@ -70,13 +70,18 @@ class _ReadBatch:
 
 def make_dataset(source, tokenizer, *, batch_size: int, text_len: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, drop_remainder: bool = True, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.MapDataset:
+                 shard_count: int = 1, split_batches: bool = False) -> grain.MapDataset:
   """A Grain MapDataset of decoded batches from a random-access `source` of example dicts.
 
   Batches: image float32 [B, H, W, 3] in [-1, 1]; text int32 [B, text_len]; label int32 [B]; seen bool [B];
   and the source's other numeric fields (ints as int32, floats as float32). Each process reads its own slice
   of the source (`shard_index`::`shard_count`) before shuffling, so processes never share an example, and
   `batch_size` is per process. num_epochs=None repeats forever (each epoch shuffled anew).
+
+  split_batches=True instead shuffles and batches the *whole* source with the global batch (batch_size *
+  shard_count) and gives each process its consecutive rows of every global batch: the global batches are then
+  the same whatever the process count, so a 2-process run trains on exactly the batches of a 1-process run
+  and a checkpoint's data state ({'next_index': n}, the same on every process) resumes under any process count.
   """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
@@ -85,19 +90,33 @@ def make_dataset(source, tokenizer, *, batch_size: int, text_len: int, seed: int
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f'num_epochs must be positive or None (forever), got {num_epochs}')
   ds = grain.MapDataset.range(len(source))
-  if shard_count > 1:
+  if shard_count > 1 and not split_batches:
     ds = ds.slice(slice(shard_index, None, shard_count))
   if shuffle:
     ds = ds.shuffle(seed=int(seed) % _UINT32)  # Grain takes a uint32 seed.
   ds = ds.repeat(num_epochs)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)  # [B] source indices
+  if split_batches and shard_count > 1:
+    ds = ds.batch(batch_size * shard_count, drop_remainder=drop_remainder, batch_fn=list)  # global batch
+    ds = ds.map(_RowSlice(shard_index * batch_size, (shard_index + 1) * batch_size))  # this process's rows
+  else:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)  # [B] source indices
   return ds.map(_ReadBatch(source, tokenizer, text_len))
+
+
+class _RowSlice:
+  """Grain map: a list of a global batch's source indices -> this process's consecutive rows of it (picklable)."""
+
+  def __init__(self, start: int, stop: int):
+    self.start, self.stop = start, stop
+
+  def __call__(self, indices):
+    return indices[self.start:self.stop]
 
 
 def train_iterator(source, tokenizer, *, batch_size: int, text_len: int, seed: int, shuffle: bool = True,
                    num_epochs: int | None = None, drop_remainder: bool = True, shard_index: int = 0,
                    shard_count: int = 1, num_threads: int = 1, prefetch: int = 2,
-                   worker_count: int = 0) -> grain.DatasetIterator:
+                   worker_count: int = 0, split_batches: bool = False) -> grain.DatasetIterator:
   """An iterator over `make_dataset(...)` batches with get_state() / set_state() for exact resumption.
 
   In-process by default: `num_threads` threads fill a buffer of `prefetch` batches (state stays the index of
@@ -108,7 +127,7 @@ def train_iterator(source, tokenizer, *, batch_size: int, text_len: int, seed: i
   """
   ds = make_dataset(source, tokenizer, batch_size=batch_size, text_len=text_len, seed=seed, shuffle=shuffle,
                     num_epochs=num_epochs, drop_remainder=drop_remainder, shard_index=shard_index,
-                    shard_count=shard_count)
+                    shard_count=shard_count, split_batches=split_batches)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
