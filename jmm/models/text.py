@@ -7,7 +7,7 @@ import numpy as np
 
 from jmm.models import layers
 
-POOL_TYPES = ('last', 'first', 'gap', 'map')
+POOL_TYPES = ('last', 'first', 'gap', 'map', 'eos', 'argmax')
 
 
 class TextTransformer(nn.Module):
@@ -18,6 +18,9 @@ class TextTransformer(nn.Module):
   Padding is not masked (as SigLIP): with 'last' pooling the final position attends to the whole sequence, so
   it sees every token; `causal=True` gives a decoder-style mask instead. No dropout; `train` is accepted for
   a uniform tower signature.
+  CLIP pooling: 'eos' takes the first position holding `eos_id` (the last position if a row has none, e.g.
+  truncated); 'argmax' the position of the largest id (OpenAI CLIP / open_clip: end-of-text is the largest id).
+  Options for imported peers: activation / norm_eps (see `layers.ACTIVATIONS`), head_bias (CLIP: False).
   """
   vocab_size: int
   width: int
@@ -32,6 +35,10 @@ class TextTransformer(nn.Module):
   attention_impl: str = 'xla'
   remat: bool = False
   scan: bool = False
+  activation: str = 'gelu_tanh'
+  norm_eps: float = 1e-6
+  head_bias: bool = True
+  eos_id: int = 1  # jmm's SentencePiece convention (jmm.data.tokenizer.EOS_ID); read by pool_type='eos'.
 
   @nn.compact
   def __call__(self, text, train: bool = False):
@@ -47,10 +54,21 @@ class TextTransformer(nn.Module):
     posemb = self.param('pos_embedding', layers.partitioned(embed_init, ('length', 'embed')),
                         (length, self.width), self.param_dtype)
     x = x + posemb.astype(self.dtype)[None]
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None  # [1, 1, L, L]
+    # causal: passed as such (not as a dense [L, L] mask) so flash kernels can skip the masked blocks.
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
-                       remat=self.remat, scan=self.scan, name='encoder', **kw)(x, mask)
+                       remat=self.remat, scan=self.scan, activation=self.activation, norm_eps=self.norm_eps,
+                       name='encoder', **kw)(x, causal=self.causal)
+    pool_type, tokens = self.pool_type, x
+    if pool_type in ('eos', 'argmax'):  # Gather the one pooled position, then pool it as 'first'.
+      if pool_type == 'eos':
+        is_eos = text == self.eos_id  # [B, L]
+        index = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), length - 1)  # [B]
+      else:
+        index = jnp.argmax(text, axis=1)  # [B]
+      tokens = jnp.take_along_axis(x, index[:, None, None], axis=1)  # [B, 1, D]
+      pool_type = 'first'
     emb, pooled = layers.pool_and_project(
-        x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
-        attention_impl=self.attention_impl, **kw)  # [B, out_dim], [B, D]
+        tokens, pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
+        attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps,
+        head_bias=self.head_bias, **kw)  # [B, out_dim], [B, D]
     return emb, {'encoded': x, 'pre_logits': pooled}

@@ -53,6 +53,7 @@ class PatchEmbedding(nn.Module):
   patch_size: Sequence[int]
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  use_bias: bool = True  # CLIP's patch embedding has no bias.
 
   @nn.compact
   def __call__(self, image):  # image: [B, H, W, C]
@@ -63,9 +64,11 @@ class PatchEmbedding(nn.Module):
     names = ('patch_height', 'patch_width', 'conv_in', 'embed')
     kernel = self.param('kernel', layers.partitioned(layers.xavier, names), (ph, pw, channels, self.width),
                         self.param_dtype)
-    bias = self.param('bias', layers.partitioned(layers.zeros, ('embed',)), (self.width,), self.param_dtype)
     x = image.astype(self.dtype).reshape(batch, height // ph, ph, width // pw, pw, channels)
     x = jnp.einsum('bhiwjc,ijcd->bhwd', x, kernel.astype(self.dtype))  # [B, h, w, width]
+    if not self.use_bias:
+      return x
+    bias = self.param('bias', layers.partitioned(layers.zeros, ('embed',)), (self.width,), self.param_dtype)
     return x + bias.astype(self.dtype)
 
 
@@ -75,6 +78,10 @@ class ViT(nn.Module):
   __call__(image [B, H, W, 3], train=False) -> (emb [B, out_dim or width], extras) where extras holds
   'encoded' [B, tokens, width] (after the final LayerNorm) and 'pre_logits' [B, width] (pooled, before the head).
   `train` is accepted for a uniform tower signature; there is no dropout.
+  Options for imported peers (defaults are big_vision's SigLIP ViT): activation / norm_eps (see
+  `layers.ACTIVATIONS`; CLIP: 'quick_gelu' or 'gelu', 1e-5), patch_bias (CLIP: False), cls_posemb (the position
+  table has a first row for the 'tok' class token, as CLIP; default: the class token gets no position),
+  ln_pre (CLIP's LayerNorm before the encoder), head_bias (CLIP: False), out_dim=0 (no head).
   """
   width: int
   depth: int
@@ -88,6 +95,12 @@ class ViT(nn.Module):
   attention_impl: str = 'xla'
   remat: bool = False
   scan: bool = False
+  activation: str = 'gelu_tanh'
+  norm_eps: float = 1e-6
+  patch_bias: bool = True
+  cls_posemb: bool = False
+  ln_pre: bool = False
+  head_bias: bool = True
 
   @nn.compact
   def __call__(self, image, train: bool = False):
@@ -95,19 +108,30 @@ class ViT(nn.Module):
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f'unknown ViT pool_type {self.pool_type!r}; known: {", ".join(POOL_TYPES)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = PatchEmbedding(self.width, tuple(self.patch_size), name='embedding', **kw)(image)  # [B, h, w, D]
+    if self.cls_posemb and self.pool_type != 'tok':
+      raise ValueError(f'ViT cls_posemb=True needs pool_type="tok" (a class token), got {self.pool_type!r}')
+    x = PatchEmbedding(self.width, tuple(self.patch_size), use_bias=self.patch_bias, name='embedding',
+                       **kw)(image)  # [B, h, w, D]
     batch, h, w, width = x.shape
     x = x.reshape(batch, h * w, width)  # [B, tokens, D]
+    num_pos = h * w + (1 if self.cls_posemb else 0)
     posemb = self.param('pos_embedding', layers.partitioned(nn.initializers.normal(1 / np.sqrt(width)),
                                                             ('length', 'embed')),
-                        (h * w, width), self.param_dtype)
-    x = x + posemb.astype(self.dtype)[None]
+                        (num_pos, width), self.param_dtype)
+    if not self.cls_posemb:
+      x = x + posemb.astype(self.dtype)[None]
     if self.pool_type == 'tok':
       cls = self.param('cls', layers.partitioned(layers.zeros, ('embed',)), (width,), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+    if self.cls_posemb:
+      x = x + posemb.astype(self.dtype)[None]  # [B, 1 + tokens, D]
+    if self.ln_pre:
+      x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
-                       remat=self.remat, scan=self.scan, name='encoder', **kw)(x)
+                       remat=self.remat, scan=self.scan, activation=self.activation, norm_eps=self.norm_eps,
+                       name='encoder', **kw)(x)
     emb, pooled = layers.pool_and_project(
         x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
-        attention_impl=self.attention_impl, **kw)  # [B, out_dim], [B, D]
+        attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps,
+        head_bias=self.head_bias, **kw)  # [B, out_dim], [B, D]
     return emb, {'encoded': x, 'pre_logits': pooled}
