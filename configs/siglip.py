@@ -21,5 +21,5 @@ from jmm.config import parse_arg  # noqa: E402
 def get_config(arg=None):
   arg = parse_arg(arg, img='tiny', txt='tiny', res=48, data='synthetic', batch=64, steps=2000)
   config = common.base_config(arg)
-  config.loss = dict(name='sigmoid')
+  config.loss = dict(name='sigmoid', impl='dense')  # impl: dense | ring | bidir | gather (across devices).
   return config

@@ -67,6 +67,7 @@ def lookup(package: str, name: str):
 
 _CHOICES = {
     'loss.name': ('sigmoid', 'softmax'),
+    'loss.impl': ('dense', 'ring', 'bidir', 'gather'),
     'optim.name': ('adamw', 'adafactor'),
     'optim.schedule': ('cosine', 'linear', 'constant'),
     'dtype': ('float32', 'bfloat16'),
@@ -95,6 +96,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       continue
     if value not in choices:
       raise ConfigError(f'config.{dotted}={value!r} is not one of {list(choices)}')
+  impl = config.loss.get('impl', 'dense')
+  if impl in ('ring', 'bidir') and config.loss.get('name') != 'sigmoid':  # The ring passes sigmoid-loss blocks.
+    raise ConfigError(f'config.loss.impl={impl!r} needs config.loss.name=\'sigmoid\' (got '
+                      f'{config.loss.get("name")!r}); the softmax loss takes impl \'dense\' or \'gather\'')
   for dotted in ('total_steps', 'batch_size', 'data.resolution', 'data.text_len'):
     value = _get(config, dotted)
     if not isinstance(value, int) or value <= 0:

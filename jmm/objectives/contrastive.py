@@ -1,12 +1,18 @@
 """Contrastive image-text objectives: SigLIP's sigmoid loss and CLIP's softmax loss.
 
 Both take L2-normalised embeddings `zimg` [batch, dim] and `ztxt` [batch, dim] where row i of each is a matching
-pair. This file holds the single-device forms; `config.loss.name` picks one.
+pair. `config.loss.name` picks the loss; `config.loss.impl` picks how it is computed across devices: 'dense'
+(the single-device formulas below, on global arrays) or 'ring' / 'bidir' / 'gather' (per device under
+`jax.shard_map`, never holding the global B x B logits; see "Losses across devices" below).
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def pairwise_logits(zimg, ztxt, t, b=0.0):
@@ -41,11 +47,247 @@ def softmax_loss(zimg, ztxt, t):
   return 0.5 * (i2t + t2i)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Losses across devices. Inside the jitted step `zimg`, `ztxt` are global [B, dim] arrays whose batch dimension is
+# split over the mesh's batch axes. The dense functions above make XLA hold (a shard of) the global B x B logits;
+# the forms below run per device under `jax.shard_map` and never build them:
+#   ring   (SigLIP, Zhai et al. 2023, sec. 3.3): each device scores its image block against the text block it
+#          holds, then passes the text block to its neighbour with `ppermute`; n steps for n devices.
+#   bidir  the same ring with text blocks travelling both ways: ceil((n-1)/2) exchange steps instead of n-1.
+#   gather (open_clip's `local_loss` with `gather_with_grad`): all-gather the embeddings, score the local rows
+#          against all columns; gradients flow back through the gather (its transpose is a reduce-scatter).
+# Memory per device: ring/bidir O(b^2 + b*dim) for the per-device batch b whatever the device count; gather
+# O(b*B); dense O(B^2) when the logits are not sharded. benchmarks/loss_memory.py measures it.
+
+BATCH_AXES = ('data', 'fsdp', 'expert')  # Mesh axes that split the batch, in mesh order; 'tensor' replicates it.
+IMPLS = {'sigmoid': ('dense', 'ring', 'bidir', 'gather'), 'softmax': ('dense', 'gather')}
+
+
+def batch_axes(mesh=None) -> tuple[str, ...]:
+  """The axes of `mesh` (default: the mesh in context, see `jax.set_mesh`) that split the batch, in mesh order."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh is None or mesh.empty:
+    return ()
+  return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+
+
+def check_impl(name: str, impl: str) -> None:
+  """Raises ValueError naming `config.loss.impl` when `impl` cannot compute loss `name`."""
+  if name not in IMPLS:
+    raise ValueError(f'config.loss.name={name!r} is not one of {sorted(IMPLS)}')
+  if impl not in IMPLS[name]:
+    raise ValueError(f'config.loss.impl={impl!r} is not available for config.loss.name={name!r}; '
+                     f'choose one of {list(IMPLS[name])}')
+
+
+def _block_terms(zimg, ztxt, t, b, own):
+  """Sigmoid loss summed over one [b_img, b_txt] block, and the block's cosine similarities."""
+  sims = jnp.einsum('id,jd->ij', zimg, ztxt)  # [b_img, b_txt]
+  logits = sims * t + b
+  labels = 2.0 * jnp.eye(*sims.shape, dtype=sims.dtype) - 1.0 if own else -jnp.ones_like(sims)
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)), sims
+
+
+def _block_grads(zimg, ztxt, t, b, g, own):
+  """Gradients of `g * _block_terms(...)[0]` w.r.t. zimg, ztxt, t, b, written out (the ring's backward pass).
+
+  d/dx -log sigmoid(z x) = -z sigmoid(-z x), with x = t * sims + b.
+  """
+  sims = jnp.einsum('id,jd->ij', zimg, ztxt)  # [b_img, b_txt]
+  logits = sims * t + b
+  labels = 2.0 * jnp.eye(*sims.shape, dtype=sims.dtype) - 1.0 if own else -jnp.ones_like(sims)
+  dlogits = -g * labels * jax.nn.sigmoid(-labels * logits)  # [b_img, b_txt]
+  dsims = dlogits * t
+  return dsims @ ztxt, dsims.T @ zimg, jnp.sum(dlogits * sims), jnp.sum(dlogits)
+
+
+def _ring_schedule(n, bidir):
+  """(steps where blocks arrive from both sides, whether one last step fetches only the opposite block)."""
+  if not bidir:
+    return n - 1, False
+  return (n - 1) // 2, n % 2 == 0
+
+
+def _shift(x, axes, n, k):
+  """Sends x from device j to device j + k (mod n) along the flattened batch axes."""
+  return jax.lax.ppermute(x, axes, perm=[(j, (j + k) % n) for j in range(n)])
+
+
+def _ring_forward(zimg, ztxt, t, b, axes, n, bidir):
+  """Per-device ring: local sigmoid-loss sum and similarity statistics over every text block of the batch."""
+  loss, sims = _block_terms(zimg, ztxt, t, b, own=True)
+  diag = jnp.diagonal(sims)  # [b] own positives.
+  rival = jnp.max(jnp.where(jnp.eye(*sims.shape, dtype=bool), -jnp.inf, sims), axis=1)  # [b] best negative.
+
+  def visit(acc, txt):
+    loss, total, rival = acc
+    block_loss, block_sims = _block_terms(zimg, txt, t, b, own=False)
+    return loss + block_loss, total + jnp.sum(block_sims), jnp.maximum(rival, jnp.max(block_sims, axis=1))
+
+  acc = (loss, jnp.sum(sims), rival)
+  steps, opposite = _ring_schedule(n, bidir)
+  if bidir:
+    def body(_, carry):
+      left, right, acc = carry
+      left, right = _shift(left, axes, n, 1), _shift(right, axes, n, -1)
+      return left, right, visit(visit(acc, left), right)
+    left, _, acc = jax.lax.fori_loop(0, steps, body, (ztxt, ztxt, acc))
+    if opposite:  # Even n: block k + n/2 would arrive from both sides at once; take it from one side only.
+      acc = visit(acc, _shift(left, axes, n, 1))
+  else:
+    def body(_, carry):
+      txt, acc = carry
+      txt = _shift(txt, axes, n, 1)
+      return txt, visit(acc, txt)
+    _, acc = jax.lax.fori_loop(0, steps, body, (ztxt, acc))
+  loss, total, rival = acc
+  stats = {'pos': jnp.sum(diag), 'all': total, 'hits': jnp.sum((diag >= rival).astype(jnp.float32))}
+  return loss, stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring(zimg, ztxt, t, b, axes, n, bidir):
+  return _ring_forward(zimg, ztxt, t, b, axes, n, bidir)
+
+
+def _ring_fwd(zimg, ztxt, t, b, axes, n, bidir):
+  return _ring_forward(zimg, ztxt, t, b, axes, n, bidir), (zimg, ztxt, t, b)
+
+
+def _ring_bwd(axes, n, bidir, residuals, cotangents):
+  """Runs the ring again; each text block carries its gradient with it and one last shift brings it home.
+
+  Written by hand because autodiff through the forward loop would keep every visiting text block (n * b * dim
+  per device) for the backward pass; this keeps memory flat in n at the cost of a second round of exchanges.
+  """
+  zimg, ztxt, t, b = residuals
+  g = cotangents[0]  # Statistics are metrics: their cotangents are ignored.
+  dzimg, dtxt_home, dt, db = _block_grads(zimg, ztxt, t, b, g, own=True)
+
+  def visit(acc, txt, dtxt):
+    dzimg, dt, db = acc
+    gi, gt, gtemp, gbias = _block_grads(zimg, txt, t, b, g, own=False)
+    return (dzimg + gi, dt + gtemp, db + gbias), dtxt + gt
+
+  acc = (dzimg, dt, db)
+  zeros = jnp.zeros_like(ztxt)
+  steps, opposite = _ring_schedule(n, bidir)
+  if bidir:
+    def body(_, carry):
+      left, dleft, right, dright, acc = carry
+      left, dleft = _shift((left, dleft), axes, n, 1)
+      right, dright = _shift((right, dright), axes, n, -1)
+      acc, dleft = visit(acc, left, dleft)
+      acc, dright = visit(acc, right, dright)
+      return left, dleft, right, dright, acc
+    left, dleft, _, dright, acc = jax.lax.fori_loop(0, steps, body, (ztxt, zeros, ztxt, zeros, acc))
+    shifted = steps
+    if opposite:
+      left, dleft = _shift((left, dleft), axes, n, 1)
+      acc, dleft = visit(acc, left, dleft)
+      shifted += 1
+    if steps:
+      dtxt_home += _shift(dright, axes, n, steps)
+  else:
+    def body(_, carry):
+      txt, dtxt, acc = carry
+      txt, dtxt = _shift((txt, dtxt), axes, n, 1)
+      acc, dtxt = visit(acc, txt, dtxt)
+      return txt, dtxt, acc
+    _, dleft, acc = jax.lax.fori_loop(0, steps, body, (ztxt, zeros, acc))
+    shifted = steps
+  if shifted:
+    dtxt_home += _shift(dleft, axes, n, -shifted)
+  dzimg, dt, db = acc
+  return dzimg, dtxt_home, jnp.reshape(dt, jnp.shape(t)), jnp.reshape(db, jnp.shape(b))
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _gather_terms(zimg, ztxt, t, b, axes, name):
+  """Per-device local loss against all-gathered embeddings: rows of this device, columns of the whole batch."""
+  rows = zimg.shape[0]
+  first = jax.lax.axis_index(axes) * rows  # Global index of this device's first pair.
+  all_txt = jax.lax.all_gather(ztxt, axes, tiled=True)  # [B, dim]
+  sims = jnp.einsum('id,jd->ij', zimg, all_txt)  # [b, B] rows i of the global similarity matrix.
+  positive = jax.nn.one_hot(first + jnp.arange(rows), sims.shape[1], dtype=jnp.bool_)  # [b, B]
+  if name == 'sigmoid':
+    labels = jnp.where(positive, 1.0, -1.0)
+    loss = -jnp.sum(jax.nn.log_sigmoid(labels * (sims * t + b)))
+  else:
+    all_img = jax.lax.all_gather(zimg, axes, tiled=True)  # [B, dim]
+    sims_t2i = jnp.einsum('id,jd->ij', ztxt, all_img)  # [b, B] columns j of the global matrix, transposed.
+    i2t = -jnp.sum(jnp.where(positive, jax.nn.log_softmax(sims * t, axis=1), 0.0))
+    t2i = -jnp.sum(jnp.where(positive, jax.nn.log_softmax(sims_t2i * t, axis=1), 0.0))
+    loss = 0.5 * (i2t + t2i)
+  diag = jnp.sum(jnp.where(positive, sims, 0.0), axis=1)  # [b]
+  rival = jnp.max(jnp.where(positive, -jnp.inf, sims), axis=1)  # [b]
+  stats = {'pos': jnp.sum(diag), 'all': jnp.sum(sims), 'hits': jnp.sum((diag >= rival).astype(jnp.float32))}
+  return loss, stats
+
+
+def sharded_loss(zimg, ztxt, t, b, name='sigmoid', impl='ring', mesh=None):
+  """Contrastive loss of global `zimg`, `ztxt` [B, dim] split over the batch axes, without the global logits.
+
+  Returns `(loss, stats)` where the loss equals `sigmoid_loss` / `softmax_loss` of the whole batch and stats
+  holds batch sums of the positive similarities ('pos'), of all similarities ('all') and the count of images
+  whose matching text scores at least as high as every other text of the global batch ('hits'); each device
+  computes them from the blocks it sees, which together cover every pair once. With no mesh in context, or
+  batch axes of total size 1, it is the dense computation.
+  """
+  check_impl(name, impl)
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  axes = batch_axes(mesh)
+  n = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
+  if impl == 'dense' or n == 1:
+    return _dense_terms(zimg, ztxt, t, b, name)
+  if zimg.shape[0] != ztxt.shape[0] or zimg.shape[0] % n:
+    raise ValueError(f'config.loss.impl={impl!r} needs image and text batches of equal size divisible by the '
+                     f'{n} devices of the batch axes {axes}; got {zimg.shape[0]} and {ztxt.shape[0]}')
+
+  def per_device(zimg, ztxt, t, b):  # zimg, ztxt: [B / n, dim]; t, b replicated.
+    if impl == 'gather':
+      loss, stats = _gather_terms(zimg, ztxt, t, b, axes, name)
+    else:
+      # Declared varying so the hand-written backward may return per-device partial gradients for t and b;
+      # the transpose of this cast is the psum that adds them up.
+      t_, b_ = jax.lax.pcast((t, b), axes, to='varying')
+      loss, stats = _ring(zimg, ztxt, t_, b_, axes, n, impl == 'bidir')
+    return jax.lax.psum((loss, stats), axes)
+
+  spec = P(axes)
+  loss, stats = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
+      zimg, ztxt, t, b)
+  return loss / zimg.shape[0], stats  # Sum over all pairs / B, the dense losses' normalisation.
+
+
+def _dense_terms(zimg, ztxt, t, b, name):
+  """`sharded_loss`'s result on one device (the reference the sharded forms are tested against)."""
+  loss = sigmoid_loss(zimg, ztxt, t, b) if name == 'sigmoid' else softmax_loss(zimg, ztxt, t)
+  sims = pairwise_logits(zimg, ztxt, 1.0)  # [B, B]
+  diag = jnp.diagonal(sims)
+  rival = jnp.max(jnp.where(jnp.eye(*sims.shape, dtype=bool), -jnp.inf, sims), axis=1)
+  stats = {'pos': jnp.sum(diag), 'all': jnp.sum(sims), 'hits': jnp.sum((diag >= rival).astype(jnp.float32))}
+  return loss, stats
+
+
 def loss_fn(outputs, batch, config):
   """The objective's common signature: `(zimg, ztxt, extras)`, batch, config.loss -> (loss, metrics)."""
   del batch  # Pairs are aligned by position; the batch carries nothing else the loss needs.
   zimg, ztxt, extras = outputs
   t, b = extras['t'], extras['b']
+  impl = getattr(config, 'impl', 'dense')
+  check_impl(config.name, impl)
+  axes = batch_axes()
+  if impl != 'dense' and math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes) > 1:
+    # Same metrics as below, from per-device blocks; in-batch accuracy counts a tie with the positive as a hit.
+    loss, stats = sharded_loss(zimg, ztxt, t, b, config.name, impl)
+    n = zimg.shape[0]
+    metrics = {'loss': loss, 't': t, 'b': b, 'sim_pos': stats['pos'] / n,
+               'sim_neg': (stats['all'] - stats['pos']) / max(n * (n - 1), 1), 'batch_i2t_acc': stats['hits'] / n}
+    return loss, metrics
   if config.name == 'sigmoid':
     loss = sigmoid_loss(zimg, ztxt, t, b)
   elif config.name == 'softmax':
