@@ -73,7 +73,7 @@ _CHOICES = {
     'dtype': ('float32', 'bfloat16'),
     'data.name': ('synthetic', 'webdataset', 'array_record', 'tfds', 'mixture'),
     'data.transform': ('resize', 'resize_crop', 'random_resized_crop'),
-    'attention_impl': ('xla', 'cudnn', 'reference'),
+    'attention_impl': ('xla', 'cudnn', 'pallas', 'auto', 'reference'),
 }
 
 

@@ -4,9 +4,23 @@ Layout everywhere is q, k, v: [batch, length, heads, head_dim], the layout of `j
 the projections in `jmm.models.layers` can feed a kernel without transposes. `mask` is boolean, True = attend,
 broadcastable to [batch, heads, q_length, kv_length].
 
-This module imports nothing from jmm (kernels sit below the models). New kernels (Pallas flash attention for
-TPU / GPU, ...) go in their own file beside this one, keep `reference_attention` as their test oracle, and add
-one entry to `_IMPLS`.
+Besides a dense `mask`, every implementation takes `causal` (query i sees keys j <= i, top-left aligned as
+`jnp.tril` and jax.nn's `is_causal`) and `segment_ids` (int [batch, length], or a (q_ids, kv_ids) pair for
+cross-attention: a query sees only keys with its id, for packed sequences). The dense paths turn them into a
+mask; the Pallas flash kernels apply them blockwise and skip fully masked causal blocks.
+
+Implementations (`config.attention_impl`):
+  'xla'        jax.nn.dot_product_attention's XLA path (the default; materialises [B, H, Tq, Tk] logits).
+  'cudnn'      cuDNN fused attention via jax.nn.dot_product_attention; NVIDIA GPUs, bf16 / fp16.
+  'pallas'     the Pallas flash kernel for `jax.default_backend()`: Triton on GPU, Mosaic on TPU, and on CPU
+               the Triton kernel in interpret mode (exact but slow: for tests). No dense `mask`.
+  'pallas_gpu', 'pallas_tpu'  one kernel explicitly (interpret mode on CPU).
+  'reference'  `reference_attention`, the float32 plain-jnp oracle.
+  'auto'       per call, the first implementation in `AUTO_ORDER[platform]` that supports the call.
+
+Kernels live in their own files beside this one (`flash_attention_gpu.py`, `flash_attention_tpu.py`), keep
+`reference_attention` as their test oracle, and add one entry to `_IMPLS`. This module imports nothing from jmm
+outside `jmm.kernels` (kernels sit below the models).
 """
 from __future__ import annotations
 
@@ -15,6 +29,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jmm.kernels import flash_attention_gpu
+from jmm.kernels import flash_attention_tpu
+from jmm.kernels import flash_common
 
 
 def _large_negative() -> jnp.ndarray:
@@ -31,12 +49,29 @@ def _mask_4d(mask):
   return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
 
-def reference_attention(q, k, v, mask=None):
+def _with_causal_and_segments(mask, q_len: int, kv_len: int, batch: int, causal: bool, segment_ids):
+  """`mask` (or None) AND the causal mask AND the segment-id mask, as one bool mask of rank <= 4 (or None)."""
+  parts = [] if mask is None else [_mask_4d(mask)]
+  if causal:
+    parts.append(flash_common.causal_mask(q_len, kv_len)[None, None])  # [1, 1, Tq, Tk]
+  q_ids, kv_ids = flash_common.split_segment_ids(segment_ids, q_len, kv_len, batch)
+  if q_ids is not None:
+    parts.append(flash_common.segment_mask(q_ids, kv_ids))  # [B, 1, Tq, Tk]
+  if not parts:
+    return None
+  out = parts[0]
+  for part in parts[1:]:
+    out = jnp.logical_and(out, part)
+  return out
+
+
+def reference_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
   """softmax(q k^T / sqrt(head_dim)) v in plain jnp; the oracle every other implementation is tested against.
 
   Logits, softmax and the weighted sum are computed in float32 whatever the input dtype, so the reference is at
-  least as accurate as any kernel; the result is cast back to `q.dtype`.
+  least as accurate as any kernel; the result is cast back to `q.dtype`. `causal` / `segment_ids` become a mask.
   """
+  mask = _with_causal_and_segments(mask, q.shape[1], k.shape[1], q.shape[0], causal, segment_ids)
   head_dim = q.shape[-1]
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
   logits = jnp.einsum('bqhd,bkhd->bhqk', qf, kf) / np.sqrt(head_dim).astype(np.float32)  # [B, H, Tq, Tk]
@@ -47,35 +82,121 @@ def reference_attention(q, k, v, mask=None):
   return out.astype(q.dtype)
 
 
-def _xla_attention(q, k, v, mask=None):
+def _xla_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
   """jax.nn.dot_product_attention's XLA path: one einsum each side of an fp32 softmax; fuses well on CPU/TPU."""
-  mask = None if mask is None else _mask_4d(mask)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+  mask = _with_causal_and_segments(mask, q.shape[1], k.shape[1], q.shape[0], False, segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='xla')
 
 
-def _cudnn_attention(q, k, v, mask=None):
+def _cudnn_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
   """cuDNN fused (flash) attention via jax.nn.dot_product_attention; NVIDIA GPUs, fp16/bf16 inputs only."""
-  mask = None if mask is None else _mask_4d(mask)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+  mask = _with_causal_and_segments(mask, q.shape[1], k.shape[1], q.shape[0], False, segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='cudnn')
 
 
-# name -> fn(q, k, v, mask) -> [B, Tq, H, D]. Pallas kernels (e.g. 'pallas_tpu', 'pallas_gpu') register here.
+def _no_dense_mask(name: str, mask):
+  if mask is not None:
+    raise ValueError(f'attention impl {name!r} does not take a dense mask (got shape {jnp.shape(mask)}); express '
+                     "it as causal=True / segment_ids, or use attention_impl 'xla' (or 'auto', which falls back)")
+
+
+def _pallas_gpu_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
+  """The Pallas Triton flash kernel (interpret mode on CPU)."""
+  _no_dense_mask('pallas_gpu', mask)
+  return flash_attention_gpu.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+
+
+def _pallas_tpu_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
+  """The Pallas Mosaic TPU flash kernel (TPU interpreter on CPU)."""
+  _no_dense_mask('pallas_tpu', mask)
+  return flash_attention_tpu.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+
+
+def _pallas_impl_name() -> str:
+  """The Pallas kernel for this backend: Mosaic on TPU, Triton on GPU and (interpreted) on CPU."""
+  return 'pallas_tpu' if jax.default_backend() == 'tpu' else 'pallas_gpu'
+
+
+def _pallas_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
+  """The Pallas flash kernel for `jax.default_backend()`."""
+  _no_dense_mask('pallas', mask)
+  return _IMPLS[_pallas_impl_name()](q, k, v, causal=causal, segment_ids=segment_ids)
+
+
+# name -> fn(q, k, v, mask=None, *, causal=False, segment_ids=None) -> [B, Tq, H, D].
 _IMPLS: dict[str, Callable] = {
     'xla': _xla_attention,
     'reference': reference_attention,
     'cudnn': _cudnn_attention,
+    'pallas': _pallas_attention,
+    'pallas_gpu': _pallas_gpu_attention,
+    'pallas_tpu': _pallas_tpu_attention,
 }
 
-IMPLEMENTATIONS = tuple(_IMPLS)
+IMPLEMENTATIONS = tuple(_IMPLS) + ('auto',)
+
+# What 'auto' tries, in order, per platform; the first implementation that `supports` the call wins.
+# Why this order (GPU / TPU timings are still to be measured with benchmarks/attention.py, see README):
+#   gpu: cuDNN's fused kernel is NVIDIA's own flash attention (FA-2/FA-3 class on Hopper) where it applies
+#        (bf16 / fp16, head_dim % 8 == 0); else the Pallas Triton kernel (fp32, no dense mask); else XLA.
+#   tpu: the Pallas kernel streams keys through VMEM where XLA materialises [B, H, Tq, Tk] logits in HBM.
+#   cpu: XLA; the kernels only run interpreted there.
+AUTO_ORDER = {
+    'gpu': ('cudnn', 'pallas', 'xla'),
+    'tpu': ('pallas', 'xla'),
+    'cpu': ('xla',),
+}
 
 
-def dot_product_attention(q, k, v, mask=None, impl: str = 'xla'):
+def supports(impl: str, q, k, mask=None, *, causal: bool = False, segment_ids=None, platform: str | None = None):
+  """Whether implementation `impl` can run this call on `platform` (default: jax.default_backend()).
+
+  Used by 'auto' to fall back to XLA instead of failing; shapes only, so it is free under jit.
+  """
+  del causal  # Every implementation handles it.
+  platform = platform or jax.default_backend()
+  dtype, head_dim = jnp.dtype(q.dtype), q.shape[-1]
+  if impl in ('xla', 'reference'):
+    return True
+  if impl == 'cudnn':
+    # jax's cuDNN checks: fp16/bf16, head_dim <= 128 (256 on Hopper) and % 8; a mask becomes a bias, whose
+    # backward needs even lengths (ViT's 197 tokens are odd, but ViT attention has no mask).
+    dense = mask is not None or segment_ids is not None
+    return (platform == 'gpu' and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim <= 128 and head_dim % 8 == 0
+            and (not dense or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)))
+  if impl in ('pallas', 'pallas_gpu', 'pallas_tpu'):
+    if mask is not None:
+      return False
+    if impl == 'pallas':
+      impl = 'pallas_tpu' if platform == 'tpu' else 'pallas_gpu'
+    kernel = flash_attention_tpu if impl == 'pallas_tpu' else flash_attention_gpu
+    return kernel.supports(q.shape, k.shape, dtype)
+  return False
+
+
+def choose_impl(q, k, mask=None, *, causal: bool = False, segment_ids=None, platform: str | None = None) -> str:
+  """The implementation 'auto' runs for this call: the first in AUTO_ORDER[platform] that `supports` it."""
+  platform = platform or jax.default_backend()
+  for impl in AUTO_ORDER.get(platform, ('xla',)):
+    if supports(impl, q, k, mask, causal=causal, segment_ids=segment_ids, platform=platform):
+      return impl
+  return 'xla'
+
+
+def dot_product_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None, impl: str = 'xla'):
   """Multi-head attention on q, k, v [batch, length, heads, head_dim] by the implementation named `impl`.
 
   The one entry point the models call, so switching kernels is a config change (`config.attention_impl`).
+  mask: bool, broadcastable to [B, H, Tq, Tk] (not for the Pallas kernels). causal: query i sees keys j <= i.
+  segment_ids: int [B, T] (or a (q_ids, kv_ids) pair); queries see only keys of their own segment.
   """
+  if impl == 'auto':
+    impl = choose_impl(q, k, mask, causal=causal, segment_ids=segment_ids)
   try:
     fn = _IMPLS[impl]
   except KeyError:
     raise ValueError(f'unknown attention impl {impl!r}; known: {", ".join(IMPLEMENTATIONS)}') from None
-  return fn(q, k, v, mask)
+  if not causal and segment_ids is None:
+    return fn(q, k, v, mask)  # Exactly the call of before causal / segment_ids existed.
+  return fn(q, k, v, mask, causal=causal, segment_ids=segment_ids)

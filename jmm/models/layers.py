@@ -161,7 +161,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  causal is a field, not a call argument, so `nn.remat` / `nn.scan` never trace it (it picks kernel code paths).
+  """
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -169,14 +172,15 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str = 'xla'
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
+  causal: bool = False  # Decoder-style self-attention: token i sees tokens j <= i.
 
   @nn.compact
-  def __call__(self, x, mask=None, segment_ids=None, causal: bool = False):  # x: [batch, tokens, width]
+  def __call__(self, x, mask=None, segment_ids=None):  # x: [batch, tokens, width]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = constrain(x)
     y = layer_norm(name='ln_attn', epsilon=self.norm_eps, **kw)(x)
-    y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(y, y, mask, causal=causal,
-                                                                                    segment_ids=segment_ids)
+    y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(
+        y, y, mask, causal=self.causal, segment_ids=segment_ids)
     x = constrain(x + y)
     y = layer_norm(name='ln_mlp', epsilon=self.norm_eps, **kw)(x)
     y = MlpBlock(self.mlp_dim, activation=self.activation, name='mlp', **kw)(y)
@@ -186,8 +190,8 @@ class Encoder1DBlock(nn.Module):
 class _ScanBlock(Encoder1DBlock):
   """Encoder1DBlock with the (carry, output) signature `nn.scan` needs."""
 
-  def __call__(self, x, mask=None, segment_ids=None, causal: bool = False):
-    return super().__call__(x, mask, segment_ids, causal), None
+  def __call__(self, x, mask=None, segment_ids=None):
+    return super().__call__(x, mask, segment_ids), None
 
 
 class Encoder(nn.Module):
@@ -216,11 +220,11 @@ class Encoder(nn.Module):
       block = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
                      length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
-                         name='encoderblock', **kw)(x, mask, segment_ids, causal)
+                         name='encoderblock', causal=causal, **kw)(x, mask, segment_ids)
     else:
       block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
       for i in range(self.depth):
-        x = block(name=f'encoderblock_{i}', **kw)(x, mask, segment_ids, causal)
+        x = block(name=f'encoderblock_{i}', causal=causal, **kw)(x, mask, segment_ids)
     return layer_norm(self.dtype, self.param_dtype, name='encoder_norm', epsilon=self.norm_eps)(x)
 
 
