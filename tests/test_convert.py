@@ -1,0 +1,152 @@
+"""Checkpoint import/export against the peers themselves: HF SigLIP / CLIP, open_clip, big_vision names.
+
+Randomly initialised tiny peer models (fixed torch seed) are converted to jmm; image and text embeddings and
+logits must equal the peer's within 1e-4 relative error, and export must give back every tensor bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmm import convert
+from jmm.convert import common
+from jmm.convert import hf
+
+torch = pytest.importorskip('torch')
+
+
+def _block_broken_torchvision():
+  """torchvision from PyPI next to CPU torch fails at import ('operator torchvision::nms does not exist'), and
+  transformers imports it whenever it is installed. Marking it absent (sys.modules[name] = None makes
+  importlib.util.find_spec return None) lets transformers run without it; a healthy torchvision is kept."""
+  if 'torchvision' in sys.modules:
+    return
+  try:
+    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except Exception:  # pylint: disable=broad-except
+    for name in [n for n in sys.modules if n == 'torchvision' or n.startswith('torchvision.')]:
+      del sys.modules[name]
+    sys.modules['torchvision'] = None
+
+
+_block_broken_torchvision()
+transformers = pytest.importorskip('transformers')
+
+RTOL = 1e-4
+IMAGE, PATCH, TEXT_LEN, VOCAB, BATCH = 32, 8, 12, 80, 4
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def _inputs(seed=0, eos=None):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(-1, 1, (BATCH, IMAGE, IMAGE, 3)).astype(np.float32)  # [B, H, W, 3]
+  ids = rng.integers(3, VOCAB - 2, (BATCH, TEXT_LEN)).astype(np.int32)  # [B, L]
+  if eos is not None:  # CLIP-style rows: text, eos, then padding, at different lengths.
+    for row, n in zip(ids, (3, 5, TEXT_LEN - 1, 7)):
+      row[n] = eos
+      row[n + 1:] = 0
+  return images, ids
+
+
+def _jmm_outputs(spec, flat, images, ids):
+  model = convert.model_from_spec(spec)
+  params = convert.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  with jax.default_matmul_precision('highest'):
+    zimg, ztxt, extras = model.apply({'params': params}, jnp.asarray(images), jnp.asarray(ids))
+  logits = np.asarray(ztxt @ zimg.T * extras['t'] + extras['b'])  # [texts, images], as HF's logits_per_text.
+  return np.asarray(zimg), np.asarray(ztxt), logits
+
+
+def _hf_outputs(model, images, ids):
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+  return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_text.numpy()
+
+
+def _state(model):
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _tower(width, depth, heads, mlp):
+  return dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp)
+
+
+@pytest.fixture(scope='module')
+def hf_siglip():
+  torch.manual_seed(0)
+  config = transformers.SiglipConfig(
+      text_config=dict(_tower(48, 2, 4, 96), vocab_size=VOCAB, max_position_embeddings=TEXT_LEN),
+      vision_config=dict(_tower(48, 2, 4, 80), image_size=IMAGE, patch_size=PATCH))
+  model = transformers.SiglipModel(config).eval()
+  with torch.no_grad():  # Non-trivial scale and bias (the defaults are log 1 and 0).
+    model.logit_scale.fill_(math.log(10.0))
+    model.logit_bias.fill_(-3.0)
+  return model
+
+
+@pytest.fixture(scope='module')
+def hf_clip():
+  torch.manual_seed(1)
+  config = transformers.CLIPConfig(
+      text_config=dict(_tower(32, 2, 2, 64), vocab_size=VOCAB, max_position_embeddings=TEXT_LEN,
+                       eos_token_id=VOCAB - 1),
+      vision_config=dict(_tower(48, 2, 4, 96), image_size=IMAGE, patch_size=PATCH), projection_dim=40)
+  return transformers.CLIPModel(config).eval()
+
+
+def test_hf_defaults_match_transformers():
+  """The config defaults jmm assumes for keys a saved config.json leaves out are transformers' own."""
+  for (family, tower), defaults in hf.DEFAULTS.items():
+    cls = {('siglip', 'vision'): transformers.SiglipVisionConfig, ('siglip', 'text'): transformers.SiglipTextConfig,
+           ('clip', 'vision'): transformers.CLIPVisionConfig, ('clip', 'text'): transformers.CLIPTextConfig}
+    config = cls[(family, tower)]()
+    for key, value in defaults.items():
+      assert getattr(config, key) == value, (family, tower, key)
+
+
+def test_hf_siglip_parity_and_roundtrip(hf_siglip, tmp_path):
+  state = _state(hf_siglip)
+  spec, flat = hf.from_state_dict(state, hf_siglip.config.to_dict())
+  assert spec['loss'] == 'sigmoid' and spec['resolution'] == IMAGE and spec['text_len'] == TEXT_LEN
+  images, ids = _inputs()
+  for got, want in zip(_jmm_outputs(spec, flat, images, ids), _hf_outputs(hf_siglip, images, ids)):
+    assert _rel_err(got, want) < RTOL
+  # Export: every tensor back bit for bit, and the saved directory loads in transformers.
+  back, _ = hf.to_hf(flat, spec)
+  assert sorted(back) == sorted(k for k in state if not k.endswith('position_ids'))
+  for key, value in back.items():
+    assert value.shape == state[key].shape and np.array_equal(value, state[key]), key
+  hf.save(str(tmp_path / 'out'), flat, spec)
+  reloaded = transformers.SiglipModel.from_pretrained(str(tmp_path / 'out')).eval()
+  for got, want in zip(_hf_outputs(reloaded, images, ids), _hf_outputs(hf_siglip, images, ids)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_hf_clip_parity_and_roundtrip(hf_clip, tmp_path):
+  state = _state(hf_clip)
+  spec, flat = hf.from_state_dict(state, hf_clip.config.to_dict())
+  assert spec['loss'] == 'softmax' and spec['model']['text']['pool_type'] == 'eos'
+  images, ids = _inputs(1, eos=VOCAB - 1)
+  for got, want in zip(_jmm_outputs(spec, flat, images, ids), _hf_outputs(hf_clip, images, ids)):
+    assert _rel_err(got, want) < RTOL
+  back, _ = hf.to_hf(flat, spec)
+  assert sorted(back) == sorted(k for k in state if not k.endswith('position_ids'))
+  for key, value in back.items():
+    assert value.shape == state[key].shape and np.array_equal(value, state[key]), key
+  hf.save(str(tmp_path / 'out'), flat, spec)
+  reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / 'out')).eval()
+  for got, want in zip(_hf_outputs(reloaded, images, ids), _hf_outputs(hf_clip, images, ids)):
+    np.testing.assert_array_equal(got, want)
