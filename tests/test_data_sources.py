@@ -305,3 +305,15 @@ def test_sources_pickle_for_workers(wds, ar_files):
     copy = pickle.loads(pickle.dumps(source))
     assert len(copy) == len(source) and copy[0]['caption'] == source[0]['caption']
     assert os.path.basename(copy.paths[0]) == os.path.basename(source.paths[0])
+
+
+def test_resume_with_another_worker_count_is_a_clear_error(wds, tok):
+  source = webdataset.WebDatasetSource(wds[0])
+  it = _iterate([source], tok)
+  next(it)
+  state = it.get_state()
+  assert state['worker_count'] == 0
+  with pytest.raises(ValueError, match='worker_count=0; resume with that value, not 2'):
+    _iterate([source], tok, worker_count=2).set_state(state)
+  with pytest.raises(ValueError, match='not a file-source state'):
+    _iterate([source], tok).set_state({'next_index': 3})

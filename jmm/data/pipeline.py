@@ -303,4 +303,37 @@ def file_train_iterator(sources: Sequence, tokenizer, transform, *, batch_size: 
   if worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                per_worker_buffer_size=prefetch))
-  return iter(iter_ds)
+  return _TaggedIterator(iter(iter_ds), worker_count)
+
+
+class _TaggedIterator:
+  """A Grain iterator whose state records the worker count, so a resume with another count fails clearly.
+
+  Grain's multi-worker state is per worker: restoring it under another `data.worker_count` would otherwise
+  die in Grain with a KeyError deep inside, or silently replay a different order.
+  """
+
+  def __init__(self, iterator, worker_count: int):
+    self.iterator, self.worker_count = iterator, int(worker_count)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self.iterator)
+
+  def get_state(self) -> dict:
+    return {'worker_count': self.worker_count, 'grain': self.iterator.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    if 'grain' not in state:
+      raise ValueError(f'data iterator state {sorted(state)} is not a file-source state (was the checkpoint '
+                       f'written with another config.data.name?)')
+    if state.get('worker_count') != self.worker_count:
+      raise ValueError(f'the checkpointed data iterator ran with config.data.worker_count='
+                       f'{state.get("worker_count")}; resume with that value, not {self.worker_count}')
+    self.iterator.set_state(state['grain'])
+
+  def close(self) -> None:
+    if hasattr(self.iterator, 'close'):
+      self.iterator.close()
