@@ -150,3 +150,65 @@ def test_hf_clip_parity_and_roundtrip(hf_clip, tmp_path):
   reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / 'out')).eval()
   for got, want in zip(_hf_outputs(reloaded, images, ids), _hf_outputs(hf_clip, images, ids)):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope='module')
+def open_clip_model():
+  """A tiny open_clip CLIP. `import open_clip` pulls in torchvision (broken beside CPU torch, see above) through
+  its transforms; the model code needs only `torchvision.ops.misc.FrozenBatchNorm2d` (open_clip/utils.py). So,
+  for this import only, torchvision is a stub with that one class and open_clip's package __init__ is skipped
+  (an empty package whose path is the real one); sys.modules is restored afterwards."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec('open_clip')
+  if spec is None:
+    pytest.skip('open_clip is not installed')
+  names = ('torchvision', 'torchvision.ops', 'torchvision.ops.misc', 'open_clip')
+  saved = {n: sys.modules[n] for n in names if n in sys.modules}
+  try:
+    import torchvision as real_torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    ocm = importlib.import_module('open_clip.model')
+  except Exception:  # pylint: disable=broad-except
+    stubs = {n: types.ModuleType(n) for n in names}
+    stubs['torchvision.ops.misc'].FrozenBatchNorm2d = type('FrozenBatchNorm2d', (torch.nn.Module,), {})
+    stubs['torchvision'].ops = stubs['torchvision.ops']
+    stubs['torchvision.ops'].misc = stubs['torchvision.ops.misc']
+    stubs['open_clip'].__path__ = list(spec.submodule_search_locations)
+    sys.modules.update(stubs)
+    try:
+      ocm = importlib.import_module('open_clip.model')
+    finally:
+      for n in names:
+        sys.modules.pop(n, None)
+      sys.modules.update(saved)
+  torch.manual_seed(2)
+  model = ocm.CLIP(embed_dim=40, vision_cfg=dict(image_size=IMAGE, layers=2, width=48, patch_size=PATCH,
+                                                 head_width=12, mlp_ratio=2.0),
+                   text_cfg=dict(context_length=TEXT_LEN, vocab_size=VOCAB, width=32, heads=2, layers=2),
+                   init_logit_bias=-4.0).eval()
+  config = {'model_cfg': {'embed_dim': 40, 'vision_cfg': {'image_size': IMAGE, 'layers': 2, 'width': 48,
+                                                          'patch_size': PATCH, 'head_width': 12},
+                          'text_cfg': {'context_length': TEXT_LEN, 'vocab_size': VOCAB, 'width': 32, 'heads': 2,
+                                       'layers': 2}}}
+  return model, config
+
+
+def test_open_clip_parity_and_roundtrip(open_clip_model, tmp_path):
+  from jmm.convert import open_clip  # pylint: disable=g-import-not-at-top
+  model, config = open_clip_model
+  state = _state(model)
+  (tmp_path / 'open_clip_config.json').write_text(json.dumps(config))
+  common.write_safetensors(str(tmp_path / 'open_clip_model.safetensors'), state)
+  spec, flat = convert.import_weights('open_clip', str(tmp_path))
+  assert spec['loss'] == 'sigmoid' and spec['model']['image']['num_heads'] == 4
+  assert spec['model']['image']['activation'] == 'gelu'  # Exact GELU: open_clip without quick_gelu.
+  images, ids = _inputs(2, eos=VOCAB - 1)  # End-of-text is the largest id, as in CLIP's vocabulary.
+  with torch.no_grad():
+    zimg = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), normalize=True)
+    ztxt = model.encode_text(torch.from_numpy(ids.astype(np.int64)), normalize=True)
+    logits = ztxt @ zimg.T * model.logit_scale.exp() + model.logit_bias
+  for got, want in zip(_jmm_outputs(spec, flat, images, ids), (zimg, ztxt, logits)):
+    assert _rel_err(got, want.numpy()) < RTOL
+  back = open_clip.to_open_clip(flat, spec)
+  assert sorted(back) == sorted(k for k in state if k != 'attn_mask')
+  for key, value in back.items():
+    assert value.shape == state[key].shape and np.array_equal(value, state[key]), key
