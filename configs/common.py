@@ -28,6 +28,9 @@ def base_config(arg) -> ml_collections.ConfigDict:
   c.objective = 'contrastive'
   c.dtype = 'float32'              # Compute dtype; parameters stay float32. 'bfloat16' on accelerators.
   c.attention_impl = 'xla'
+  # Named device mesh (jmm.parallel): 'data=-1' = every device data-parallel. FSDP and tensor parallelism are
+  # one override away, e.g. --config.mesh=data=-1,fsdp=8,tensor=2 (pairs [('data', -1), ...] work too).
+  c.mesh = 'data=-1,fsdp=1,tensor=1'
 
   # Synthetic captions are at most 9 tokens with one object; raise text_len with max_objects.
   c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=12, seed=0)

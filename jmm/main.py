@@ -10,16 +10,22 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, with an optional :argument.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+# Multi-process runs. Cloud TPU pods, SLURM and mpirun are detected without these (jmm.parallel).
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes - 1.')
 
 
 def main(argv) -> None:
   del argv
   from jmm import checkpoint  # Imported after flag parsing so --help stays fast.
   from jmm import config as config_lib
+  from jmm import parallel
   from jmm import train
   try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.run(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, train.WorkdirError, FileNotFoundError,
+  except (config_lib.ConfigError, train.WorkdirError, FileNotFoundError, parallel.MeshError,
           checkpoint.CheckpointMismatchError) as e:
     sys.exit(f'error: {e}')
 

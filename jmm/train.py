@@ -213,7 +213,7 @@ def make_train_step(model, tx, schedule, objective, loss_config, *, state_shardi
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {**metrics, 'lr': schedule(state['step']), 'grad_norm': optax.global_norm(grads)}
+    metrics = {**metrics, 'lr': schedule(state['step']), 'grad_norm': optax.tree.norm(grads)}
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
   if state_shardings is None or mesh is None:

@@ -1,0 +1,147 @@
+"""Mesh, shardings and sharded training on 8 simulated CPU devices (jmm.parallel + jmm.train)."""
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jmm import checkpoint as ckpt_lib
+from jmm import config as config_lib
+from jmm import parallel
+from jmm import train
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import siglip  # noqa: E402
+
+VOCAB = 64
+MESHES = ['data=8,fsdp=1,tensor=1', 'data=2,fsdp=4,tensor=1', 'data=2,fsdp=2,tensor=2']
+
+
+def _config(mesh='data=-1,fsdp=1,tensor=1', batch=16) -> ml_collections.ConfigDict:
+  c = siglip.get_config('res=16,batch=16,steps=20')
+  tiny = dict(width=32, depth=1, mlp_dim=64, num_heads=2, out_dim=None)
+  c.model.image.update(tiny, patch_size=(8, 8))
+  c.model.text.update(tiny)
+  c.model.out_dim = 32
+  c.data.text_len = 8
+  c.batch_size = batch
+  c.mesh = mesh
+  c.optim.warmup_steps = 2
+  return c
+
+
+def _batches(n, batch=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.uniform(-1, 1, (batch, 16, 16, 3)).astype(np.float32),
+           'text': rng.integers(3, VOCAB, (batch, 8)).astype(np.int32)} for _ in range(n)]
+
+
+def _setup(config):
+  mesh = parallel.make_mesh(config.mesh)
+  axis_rules = parallel.rules(config, mesh)
+  model = train.make_model(config, VOCAB)
+  objective = config_lib.lookup('objectives', config.objective)
+  with jax.set_mesh(mesh):
+    state, shardings, tx, schedule = train.create_state(model, config, mesh, axis_rules)
+  step = train.make_train_step(model, tx, schedule, objective, config.loss, state_shardings=shardings,
+                               mesh=mesh, axis_rules=axis_rules)
+  return mesh, state, shardings, step
+
+
+def _train(mesh, state, step, batches):
+  losses = []
+  with jax.set_mesh(mesh):
+    for b in batches:
+      state, metrics = step(state, parallel.global_batch(b, mesh))
+      losses.append(float(metrics['loss']))
+  return state, losses
+
+
+def test_parse_mesh_forms_and_rest_axis():
+  assert parallel.mesh_shape('data=-1,fsdp=2,tensor=2', 8) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert parallel.mesh_shape([('data', -1), ('fsdp', 1), ('tensor', 1)], 8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  assert parallel.mesh_shape(None, 4) == {'data': 4, 'fsdp': 1, 'tensor': 1}
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('data=3,fsdp=1', 'has 3 devices but there are 8'),
+    ('data=-1,fsdp=3', 'do not divide|does not divide'),
+    ('data=-1,fsdp=-1', 'at most one axis may be -1'),
+    ('data=2,model=4', "unknown axis 'model'"),
+    ('data=two', "expected an integer"),
+    ('data', 'name=size'),
+])
+def test_bad_mesh_is_a_clear_error(spec, message):
+  with pytest.raises(parallel.MeshError, match=message):
+    parallel.make_mesh(spec)
+
+
+def test_batch_not_divisible_by_batch_axes():
+  mesh = parallel.make_mesh('data=2,fsdp=2,tensor=2')
+  parallel.check_batch(8, mesh)  # 4 batch shards (tensor replicates the batch).
+  with pytest.raises(parallel.MeshError, match=r'batch_size=6 is not divisible by the 4 batch shards'):
+    parallel.check_batch(6, mesh)
+
+
+def test_run_rejects_bad_mesh_and_batch_before_any_work(tmp_path):
+  for config, message in [(_config(mesh='data=3'), 'config.mesh'), (_config(batch=12), 'config.batch_size=12')]:
+    workdir = tmp_path / 'w'
+    with pytest.raises(parallel.MeshError, match=message):
+      train.run(config, str(workdir))
+    assert not workdir.exists()  # Failed before the workdir, the tokenizer or any compilation.
+
+
+def test_params_and_optimizer_state_are_sharded():
+  mesh, state, shardings, _ = _setup(_config('data=2,fsdp=2,tensor=2'))
+  params = state['params']
+  block = params['img']['encoder']['encoderblock_0']
+  fc_in = block['mlp']['fc_in']['kernel']  # [embed, mlp] = [32, 64]
+  assert fc_in.sharding.spec == P('fsdp', 'tensor')
+  assert fc_in.addressable_shards[0].data.shape == (16, 32)
+  assert block['attn']['query']['kernel'].sharding.spec == P('fsdp', 'tensor', None)  # [embed, heads, kv]
+  assert block['attn']['out']['kernel'].sharding.spec == P('tensor', None, 'fsdp')    # [heads, kv, embed]
+  # Adam's moments follow their parameter.
+  mu = state['opt_state']
+  found = [x for p, x in jax.tree_util.tree_flatten_with_path(mu)[0]
+           if 'fc_in' in jax.tree_util.keystr(p) and 'encoderblock_0' in jax.tree_util.keystr(p)
+           and "'img'" in jax.tree_util.keystr(p) and x.ndim == 2]
+  assert found and all(x.sharding.spec == P('fsdp', 'tensor') for x in found)
+  assert parallel.sharded_fraction(shardings['params']) > 0.5
+
+
+def test_same_loss_curve_on_every_mesh():
+  batches = _batches(4)
+  curves = {}
+  for spec in MESHES:
+    mesh, state, _, step = _setup(_config(spec))
+    _, curves[spec] = _train(mesh, state, step, batches)
+  reference = curves[MESHES[0]]
+  assert reference[-1] < reference[0]  # It trains.
+  for spec in MESHES[1:]:
+    np.testing.assert_allclose(curves[spec], reference, rtol=2e-5, err_msg=spec)
+
+
+def test_checkpoint_from_one_mesh_restores_on_another(tmp_path):
+  batches = _batches(4)
+  config_a, config_b = _config(MESHES[0]), _config(MESHES[2])
+  mesh_a, state_a, _, step_a = _setup(config_a)
+  state_a, _ = _train(mesh_a, state_a, step_a, batches[:2])
+  saved = jax.tree.map(np.asarray, state_a['params'])
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=1, every=1, use_async=False)
+  checkpointer.save(2, state_a, {'next_index': 2}, force=True)
+  checkpointer.wait()
+  _, uninterrupted = _train(mesh_a, state_a, step_a, batches[2:])
+
+  mesh_b, state_b, _, step_b = _setup(config_b)
+  state_b, data_state = checkpointer.restore(2, ckpt_lib.abstract_like(state_b))
+  checkpointer.close()
+  assert data_state == {'next_index': 2}
+  fc_in = state_b['params']['img']['encoder']['encoderblock_0']['mlp']['fc_in']['kernel']
+  assert fc_in.sharding.mesh.shape == mesh_b.shape and fc_in.sharding.spec == P('fsdp', 'tensor')
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state_b['params']), saved)
+  assert int(state_b['step']) == 2
+  _, resumed = _train(mesh_b, state_b, step_b, batches[2:])
+  np.testing.assert_allclose(resumed, uninterrupted, rtol=2e-5)
