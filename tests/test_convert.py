@@ -212,3 +212,80 @@ def test_open_clip_parity_and_roundtrip(open_clip_model, tmp_path):
   assert sorted(back) == sorted(k for k in state if k != 'attn_mask')
   for key, value in back.items():
     assert value.shape == state[key].shape and np.array_equal(value, state[key]), key
+
+
+def _hf_siglip_to_big_vision(state, vheads, theads):
+  """big_vision names for an HF SigLIP state dict, written out independently of jmm.convert from the table in
+  transformers' convert_siglip_to_hf.py (run backwards): flax layouts, 'params/' prefix, [1, N, W] tables."""
+  bv = {}
+
+  def attn(dst, src, heads, packed=False):
+    if packed:
+      weights = dict(zip(('query', 'key', 'value'), np.split(state[f'{src}.in_proj_weight'], 3)))
+      biases = dict(zip(('query', 'key', 'value'), np.split(state[f'{src}.in_proj_bias'], 3)))
+    else:
+      weights = {q: state[f'{src}.{t}_proj.weight'] for q, t in (('query', 'q'), ('key', 'k'), ('value', 'v'))}
+      biases = {q: state[f'{src}.{t}_proj.bias'] for q, t in (('query', 'q'), ('key', 'k'), ('value', 'v'))}
+    for q in ('query', 'key', 'value'):
+      width = weights[q].shape[1]
+      bv[f'{dst}/{q}/kernel'] = weights[q].T.reshape(width, heads, -1)
+      bv[f'{dst}/{q}/bias'] = biases[q].reshape(heads, -1)
+    out = state[f'{src}.out_proj.weight']  # [W, H*D]
+    bv[f'{dst}/out/kernel'] = out.T.reshape(heads, -1, out.shape[0])
+    bv[f'{dst}/out/bias'] = state[f'{src}.out_proj.bias']
+
+  def dense(dst, src):
+    bv[f'{dst}/kernel'], bv[f'{dst}/bias'] = state[f'{src}.weight'].T, state[f'{src}.bias']
+
+  def norm(dst, src):
+    bv[f'{dst}/scale'], bv[f'{dst}/bias'] = state[f'{src}.weight'], state[f'{src}.bias']
+
+  for tower, enc, src, heads in (('img', 'Transformer', 'vision_model', vheads), ('txt', 'Encoder_0', 'text_model',
+                                                                              theads)):
+    i = 0
+    while f'{src}.encoder.layers.{i}.layer_norm1.weight' in state:
+      block, layer = f'params/{tower}/{enc}/encoderblock_{i}', f'{src}.encoder.layers.{i}'
+      norm(f'{block}/LayerNorm_0', f'{layer}.layer_norm1')
+      norm(f'{block}/LayerNorm_1', f'{layer}.layer_norm2')
+      attn(f'{block}/MultiHeadDotProductAttention_0', f'{layer}.self_attn', heads)
+      dense(f'{block}/MlpBlock_0/Dense_0', f'{layer}.mlp.fc1')
+      dense(f'{block}/MlpBlock_0/Dense_1', f'{layer}.mlp.fc2')
+      i += 1
+  norm('params/img/Transformer/encoder_norm', 'vision_model.post_layernorm')
+  norm('params/txt/Encoder_0/encoder_norm', 'text_model.final_layer_norm')
+  bv['params/img/embedding/kernel'] = state['vision_model.embeddings.patch_embedding.weight'].transpose(2, 3, 1, 0)
+  bv['params/img/embedding/bias'] = state['vision_model.embeddings.patch_embedding.bias']
+  bv['params/img/pos_embedding'] = state['vision_model.embeddings.position_embedding.weight'][None]
+  bv['params/img/MAPHead_0/probe'] = state['vision_model.head.probe']
+  attn('params/img/MAPHead_0/MultiHeadDotProductAttention_0', 'vision_model.head.attention', vheads, packed=True)
+  norm('params/img/MAPHead_0/LayerNorm_0', 'vision_model.head.layernorm')
+  dense('params/img/MAPHead_0/MlpBlock_0/Dense_0', 'vision_model.head.mlp.fc1')
+  dense('params/img/MAPHead_0/MlpBlock_0/Dense_1', 'vision_model.head.mlp.fc2')
+  bv['params/txt/Embed_0/embedding'] = state['text_model.embeddings.token_embedding.weight']
+  bv['params/txt/pos_embedding'] = state['text_model.embeddings.position_embedding.weight'][None]
+  dense('params/txt/head', 'text_model.head')
+  bv['params/t'], bv['params/b'] = state['logit_scale'], state['logit_bias']
+  return {k: np.ascontiguousarray(v) for k, v in bv.items()}
+
+
+def test_big_vision_parity_roundtrip_and_scan(hf_siglip, tmp_path):
+  from jmm.convert import big_vision  # pylint: disable=g-import-not-at-top
+  bv = _hf_siglip_to_big_vision(_state(hf_siglip), 4, 4)
+  np.savez(tmp_path / 'siglip.npz', **bv)
+  spec, flat = convert.import_weights('big_vision', str(tmp_path / 'siglip.npz'))
+  assert spec['model']['image']['num_heads'] == 4 and spec['model']['image']['pool_type'] == 'map'
+  images, ids = _inputs(3)
+  for got, want in zip(_jmm_outputs(spec, flat, images, ids), _hf_outputs(hf_siglip, images, ids)):
+    assert _rel_err(got, want) < RTOL
+  back = big_vision.to_big_vision(flat, spec)
+  assert sorted(back) == sorted(bv)
+  for key, value in back.items():
+    assert value.shape == bv[key].shape and np.array_equal(value, bv[key]), key
+  # A scanned checkpoint (one 'encoderblock' with a leading depth axis) gives the same parameters.
+  scanned = {k: v for k, v in bv.items() if '/encoderblock_' not in k}
+  for prefix in ('params/img/Transformer', 'params/txt/Encoder_0'):
+    names = {k.split('/', 4)[-1] for k in bv if k.startswith(f'{prefix}/encoderblock_0/')}
+    for name in names:
+      scanned[f'{prefix}/encoderblock/{name}'] = np.stack([bv[f'{prefix}/encoderblock_{i}/{name}'] for i in range(2)])
+  _, flat2 = big_vision.from_params(scanned)
+  assert sorted(flat2) == sorted(flat) and all(np.array_equal(flat2[k], flat[k]) for k in flat)

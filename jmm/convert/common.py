@@ -161,8 +161,9 @@ def to_jmm(kind: str, x: np.ndarray, heads: int = 0):
   id: unchanged. linear: torch Linear weight [out, in] -> kernel [in, out]. q: torch q/k/v weight [H*D, W] ->
   [W, H, D]; q_bias: [H*D] -> [H, D]. out: torch out_proj weight [W, H*D] -> [H, D, W]. packed / packed_bias:
   torch nn.MultiheadAttention in_proj [3*H*D, W] -> three [W, H, D] (q, k, v; returned as a tuple).
-  conv: torch [out, in, kh, kw] -> [kh, kw, in, out]. squeeze: drop leading 1-axes (probe [1, 1, W] -> [1, W],
-  big_vision pos_embedding [1, N, W] -> [N, W], scalars [1] -> []). bv_probe: [1, 1, W] -> [1, W].
+  conv: torch [out, in, kh, kw] -> [kh, kw, in, out]. probe / pos: keep the last two axes (probe [1, 1, W] ->
+  [1, W], big_vision pos_embedding [1, N, W] -> [N, W]). scalar: [1] or [] -> []. vector: big_vision cls
+  [1, 1, W] -> [W].
   """
   if kind == 'id':
     return x
@@ -184,6 +185,8 @@ def to_jmm(kind: str, x: np.ndarray, heads: int = 0):
     return x.reshape(())
   if kind in ('probe', 'pos'):
     return x.reshape(x.shape[-2:])
+  if kind == 'vector':
+    return x.reshape(-1)
   raise ValueError(f'unknown mapping kind {kind!r}')
 
 
@@ -205,7 +208,7 @@ def to_peer(kind: str, x, shape: tuple[int, ...]):
     return np.concatenate([part.reshape(-1) for part in x], axis=0)
   if kind == 'conv':
     return x.transpose(3, 2, 0, 1)
-  if kind in ('scalar', 'probe', 'pos'):
+  if kind in ('scalar', 'probe', 'pos', 'vector'):
     return x.reshape(shape)
   raise ValueError(f'unknown mapping kind {kind!r}')
 
