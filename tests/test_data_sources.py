@@ -317,3 +317,52 @@ def test_resume_with_another_worker_count_is_a_clear_error(wds, tok):
     _iterate([source], tok, worker_count=2).set_state(state)
   with pytest.raises(ValueError, match='not a file-source state'):
     _iterate([source], tok).set_state({'next_index': 3})
+
+
+def test_tfds_data_source_end_to_end(tmp_path, tok):
+  """A real (tiny) TFDS data set prepared in tmp_path, read through tfds.data_source with no download."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class JmmTestTinyCaptions(tfds.core.GeneratorBasedBuilder):  # Registered as 'jmm_test_tiny_captions'.
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      # A zlib-encoded uint8 tensor, not tfds.features.Image: encoding PNGs would need TensorFlow.
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding='zlib'),
+          'caption': tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(10):
+        image = np.random.default_rng(i).integers(0, 256, (18 + i, 20, 3), dtype=np.uint8)
+        yield i, {'image': image, 'caption': _caption('tfds', i) if i != 7 else ''}
+
+  JmmTestTinyCaptions(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  source = tfds_source.TfdsSource('jmm_test_tiny_captions', 'train', data_dir=str(tmp_path))
+  captions, stats = _one_epoch_two_processes(source, tok)
+  _assert_exactly_once(captions, [_caption('tfds', i) for i in range(10) if i != 7])
+  assert stats == {'bad_records/jmm_test_tiny_captions': 1, 'bad_shards/jmm_test_tiny_captions': 0}
+
+
+def test_webdataset_through_fsspec_urls(wds, tmp_path):
+  """Non-local paths go through fsspec: an in-memory file system stands in for gs:// or s3://."""
+  fsspec = pytest.importorskip('fsspec')
+  pattern, good = wds[0], wds[1]
+  local = webdataset.WebDatasetSource(pattern)
+  memory = fsspec.filesystem('memory')
+  for path in local.paths[:2]:
+    memory.pipe(f'/jmm-test/{os.path.basename(path)}', open(path, 'rb').read())
+  remote = webdataset.WebDatasetSource('memory://jmm-test/shard-*.tar', name='remote')
+  assert [p.split('/')[-1] for p in remote.paths] == ['shard-000.tar', 'shard-001.tar']
+  assert all(p.startswith('memory://') for p in remote.paths)  # URLs stay URLs (fsspec's canonical form).
+  captions = []
+  for i in range(len(remote)):
+    try:
+      captions.append(remote[i]['caption'])
+    except transforms.BadRecord:
+      pass
+  assert sorted(captions) == sorted(good)
+  assert remote[0]['image'] == local[0]['image']

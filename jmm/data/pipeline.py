@@ -192,8 +192,10 @@ class _GoodBatchIterator(grain.DatasetIterator):
   """Pulls examples until `batch_size` good ones; counts the bad ones per source and kind into the batch."""
 
   def __init__(self, parent, *, batch_size: int, tokenizer, text_len: int, names: Sequence[str],
-               value_range: Sequence[float], drop_remainder: bool, keep_captions: bool, max_consecutive_bad: int):
+               value_range: Sequence[float], drop_remainder: bool, keep_captions: bool, max_consecutive_bad: int,
+               image_shape: tuple[int, ...]):
     super().__init__(parent)
+    self.image_shape = tuple(image_shape)  # [H, W, 3]: the shape of an empty last batch's images.
     self.batch_size, self.tokenizer, self.text_len = batch_size, tokenizer, text_len
     self.names, self.value_range = list(names), tuple(value_range)
     self.drop_remainder, self.keep_captions = drop_remainder, keep_captions
@@ -220,8 +222,8 @@ class _GoodBatchIterator(grain.DatasetIterator):
       consecutive_bad = 0
       images.append(example['image'])
       captions.append(example['caption'])
-    out = {'image': transforms.to_value_range(np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
-                                              self.value_range),  # [B, H, W, 3]
+    images = np.stack(images) if images else np.zeros((0,) + self.image_shape, np.uint8)  # [B, H, W, 3]
+    out = {'image': transforms.to_value_range(images, self.value_range),
            'text': self.tokenizer.encode(captions, self.text_len) if captions else np.zeros((0, self.text_len),
                                                                                              np.int32),
            'data_stats': stats}
@@ -299,7 +301,8 @@ def file_train_iterator(sources: Sequence, tokenizer, transform, *, batch_size: 
     raise ValueError(f'data source names must be distinct (they key the bad-record counts), got {names}')
   iter_ds = _GoodBatches(iter_ds, batch_size=batch_size, tokenizer=tokenizer, text_len=text_len, names=names,
                          value_range=value_range, drop_remainder=drop_remainder, keep_captions=keep_captions,
-                         max_consecutive_bad=max_consecutive_bad)
+                         max_consecutive_bad=max_consecutive_bad,
+                         image_shape=(getattr(transform, 'resolution', 0),) * 2 + (3,))
   if worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                per_worker_buffer_size=prefetch))
