@@ -56,6 +56,8 @@ def base_config(arg) -> ml_collections.ConfigDict:
                  schedule='cosine', min_lr_ratio=0.0, clip_norm=1.0, frozen=())
   c.checkpoint = dict(every=500, keep=2)
   c.checkpoint['async'] = True
+  # Initial parameters (a fresh run only): a jmm workdir, or a .npz from `python -m jmm.convert.import_weights`.
+  c.init_from = ''
 
   heldout = dict(resolution=arg.res, seed=1, batch_size=250, text_len=12)
   c.evals = dict(
