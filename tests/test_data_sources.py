@@ -358,11 +358,6 @@ def test_webdataset_through_fsspec_urls(wds, tmp_path):
   remote = webdataset.WebDatasetSource('memory://jmm-test/shard-*.tar', name='remote')
   assert [p.split('/')[-1] for p in remote.paths] == ['shard-000.tar', 'shard-001.tar']
   assert all(p.startswith('memory://') for p in remote.paths)  # URLs stay URLs (fsspec's canonical form).
-  captions = []
-  for i in range(len(remote)):
-    try:
-      captions.append(remote[i]['caption'])
-    except transforms.BadRecord:
-      pass
-  assert sorted(captions) == sorted(good)
+  # The same records as read locally (image decoding, where the corrupt ones fail, comes later).
+  assert remote.captions(100) == local.captions(100) and set(good) <= set(remote.captions(100))
   assert remote[0]['image'] == local[0]['image']
