@@ -5,7 +5,7 @@ head_dim]; the BlockSpecs squeeze batch and heads, so no transposes are needed a
 
 Grid and loops (FlashAttention-2, Dao 2023, arXiv:2307.08691):
   forward  grid (q blocks, batch, heads); each program loops over key blocks with an online softmax and writes
-           its output block and the logsumexp of its rows.
+           its output block and its rows' softmax statistics (max m and 1 / sum l).
   dk, dv   grid (kv blocks, batch, heads); each program loops over query blocks and accumulates dk and dv.
   dq       grid (q blocks, batch, heads); each program loops over key blocks and accumulates dq.
 Two backward kernels instead of one with atomic dq adds: deterministic, and no float32 dq buffer in HBM.
@@ -52,11 +52,11 @@ def _block(requested: int, length: int) -> int:
 
 
 def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, has_segments, precision):
-  """One (q block, batch, head): o = softmax(q k^T * scale) v over all key blocks, and the rows' logsumexp."""
+  """One (q block, batch, head): o = softmax(q k^T * scale) v over all key blocks, and the rows' m, 1 / l."""
   if has_segments:
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, m_ref, linv_ref = refs
   else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    q_ref, k_ref, v_ref, o_ref, m_ref, linv_ref = refs
   i = pl.program_id(0)
   q = q_ref[...]  # [block_q, D]
   q_pos = common.positions(i * block_q, block_q, 0)
@@ -86,15 +86,18 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, h
   if causal:  # Key blocks past this q block's last row are fully masked: skip them.
     upper = jnp.minimum(num_kv_blocks, lax.div((i + 1) * block_q + block_k - 1, block_k))
   acc, m, l = lax.fori_loop(0, upper, body, (acc, m, l))
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log(l)
+  l_inv = 1.0 / l
+  o_ref[...] = (acc * l_inv[:, None]).astype(o_ref.dtype)
+  m_ref[...] = m
+  linv_ref[...] = l_inv
 
 
-def _probs_and_dlogits(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, *, scale, causal, kv_len, precision):
-  """Recomputes p [block_q, block_k] from the saved logsumexp and returns (p, dlogits) (dlogits w.r.t. q k^T)."""
+def _probs_and_dlogits(q, k, v, do, m, l_inv, delta, q_pos, k_pos, q_seg, k_seg, *, scale, causal, kv_len,
+                       precision):
+  """Recomputes p [block_q, block_k] from the saved row statistics; returns (p, dlogits w.r.t. q k^T)."""
   s = common.dot(q, k, (1, 1), precision) * scale
   s, allowed = common.mask_logits(s, q_pos, k_pos, kv_len=kv_len, causal=causal, q_seg=q_seg, k_seg=k_seg)
-  p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
+  p = jnp.exp(s - m[:, None]) * l_inv[:, None]  # [block_q, block_k]; m and 1/l, see flash_common
   dp = common.dot(do, v, (1, 1), precision)  # [block_q, block_k]
   ds = p * (dp - delta[:, None])
   if allowed is not None:  # Masked logits are constants: no gradient (matters only for fully masked rows).
@@ -105,9 +108,9 @@ def _probs_and_dlogits(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, *, s
 def _dkdv_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_q_blocks, has_segments, precision):
   """One (kv block, batch, head): dk = sum_i ds_i^T q_i, dv = sum_i p_i^T do_i over query blocks i."""
   if has_segments:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
   else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, dk_ref, dv_ref = refs
   j = pl.program_id(0)
   k = k_ref[...]  # [block_k, D]
   v = v_ref[...]
@@ -120,8 +123,9 @@ def _dkdv_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_q_blocks, h
     rows = pl.ds(start, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_seg = qseg_ref[rows][:, None] if has_segments else None
-    p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[rows], delta_ref[rows], common.positions(start, block_q, 0), k_pos,
-                               q_seg, k_seg, scale=scale, causal=causal, kv_len=kv_len, precision=precision)
+    p, ds = _probs_and_dlogits(q, k, v, do, m_ref[rows], linv_ref[rows], delta_ref[rows],
+                               common.positions(start, block_q, 0), k_pos, q_seg, k_seg, scale=scale,
+                               causal=causal, kv_len=kv_len, precision=precision)
     dv = dv + common.dot(p.astype(do.dtype), do, (0, 0), precision)  # [block_k, D]
     dk = dk + common.dot(ds.astype(q.dtype), q, (0, 0), precision)
     return dk, dv
@@ -136,11 +140,11 @@ def _dkdv_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_q_blocks, h
 def _dq_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, has_segments, precision):
   """One (q block, batch, head): dq = sum_j ds_j k_j over key blocks j."""
   if has_segments:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
   else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, dq_ref = refs
   i = pl.program_id(0)
-  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q, do, m, l_inv, delta = q_ref[...], do_ref[...], m_ref[...], linv_ref[...], delta_ref[...]
   q_pos = common.positions(i * block_q, block_q, 0)
   q_seg = qseg_ref[...][:, None] if has_segments else None
 
@@ -149,7 +153,7 @@ def _dq_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_kv_blocks, ha
     cols = pl.ds(start, block_k)
     k, v = k_ref[cols, :], v_ref[cols, :]
     k_seg = kseg_ref[cols][None, :] if has_segments else None
-    _, ds = _probs_and_dlogits(q, k, v, do, lse, delta, q_pos, common.positions(start, block_k, 1), q_seg, k_seg,
+    _, ds = _probs_and_dlogits(q, k, v, do, m, l_inv, delta, q_pos, common.positions(start, block_k, 1), q_seg, k_seg,
                                scale=scale, causal=causal, kv_len=kv_len, precision=precision)
     return dq + common.dot(ds.astype(k.dtype), k, (1, 0), precision)
 
@@ -168,7 +172,7 @@ def _compiler_params(head_dim: int):
 
 
 def _call_forward(q, k, v, q_seg, kv_seg, *, causal, kv_len, block_q, block_k, interpret):
-  """Runs the forward kernel on padded inputs; returns (o [B, Tq, H, D], lse [B, H, Tq] float32)."""
+  """Runs the forward kernel on padded inputs; returns (o [B, Tq, H, D], m, 1 / l), m and 1 / l [B, H, Tq] float32."""
   batch, q_len, heads, head_dim = q.shape
   kv_pad = k.shape[1]
   has_segments = q_seg is not None
@@ -186,13 +190,14 @@ def _call_forward(q, k, v, q_seg, kv_seg, *, causal, kv_len, block_q, block_k, i
     args += [q_seg, kv_seg]
   return pl.pallas_call(
       kernel, grid=(q_len // block_q, batch, heads), in_specs=in_specs,
-      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+      out_specs=[q_spec] + 2 * [pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + 2 * [jax.ShapeDtypeStruct((batch, heads, q_len),
+                                                                                     jnp.float32)],
       compiler_params=None if interpret else _compiler_params(head_dim), interpret=interpret,
       name='jmm_flash_attention_fwd')(*args)
 
 
-def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_q, block_k, interpret):
+def _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, *, causal, kv_len, block_q, block_k, interpret):
   """Runs the dk/dv and dq kernels on padded inputs; returns (dq, dk, dv) in the input dtype."""
   batch, q_len, heads, head_dim = q.shape
   kv_pad = k.shape[1]
@@ -204,12 +209,12 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_
             has_segments=has_segments, precision=precision)
   params = None if interpret else _compiler_params(head_dim)
 
-  # dk, dv: grid over key blocks; q, do, lse, delta whole.
+  # dk, dv: grid over key blocks; q, do, row statistics and delta whole.
   k_block = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
   q_whole = pl.BlockSpec((None, q_len, None, head_dim), lambda j, b, h: (b, 0, h, 0))
   stat_whole = pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0))
-  in_specs = [q_whole, k_block, k_block, q_whole, stat_whole, stat_whole]
-  args = [q, k, v, do, lse, delta]
+  in_specs = [q_whole, k_block, k_block, q_whole, stat_whole, stat_whole, stat_whole]
+  args = [q, k, v, do, *stats, delta]
   if has_segments:
     in_specs += [pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
                  pl.BlockSpec((None, block_k), lambda j, b, h: (b, j))]
@@ -224,8 +229,8 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_
   q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
   kv_whole = pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h, 0))
   stat_block = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
-  in_specs = [q_block, kv_whole, kv_whole, q_block, stat_block, stat_block]
-  args = [q, k, v, do, lse, delta]
+  in_specs = [q_block, kv_whole, kv_whole, q_block, stat_block, stat_block, stat_block]
+  args = [q, k, v, do, *stats, delta]
   if has_segments:
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
                  pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0))]
@@ -240,18 +245,18 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, static):
-  o, _ = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
+  o, _, _ = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
   return o
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, static):
-  o, lse = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
-  return o, (q, k, v, q_seg, kv_seg, o, lse)
+  o, m, l_inv = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
+  return o, (q, k, v, q_seg, kv_seg, o, (m, l_inv))
 
 
 def _flash_bwd(static, residuals, do):
-  q, k, v, q_seg, kv_seg, o, lse = residuals
-  dq, dk, dv = _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, **dict(static))
+  q, k, v, q_seg, kv_seg, o, stats = residuals
+  dq, dk, dv = _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, **dict(static))
   return dq, dk, dv, None, None  # Segment ids are integers: no cotangent.
 
 
@@ -265,7 +270,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, block_q:
   causal: query i sees keys j <= i. segment_ids: int [B, T] (self-attention) or a pair (q_ids [B, Tq],
   kv_ids [B, Tk]); a query sees only keys of its own segment. Lengths need not be block multiples (padded
   here). interpret: run the kernels through Pallas' interpreter (default: only on CPU).
-  Differentiable (custom_vjp; the backward recomputes probabilities from the saved logsumexp).
+  Differentiable (custom_vjp; the backward recomputes probabilities from the saved m and 1 / l).
   """
   common.check_qkv(q, k, v, 'flash_attention_gpu')
   batch, q_len, _, head_dim = q.shape

@@ -47,9 +47,9 @@ def _block(requested: int, length: int) -> int:
 def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, has_segments, precision):
   """Grid step (b, h, i, j): folds key block j into the online softmax of query block i."""
   if has_segments:
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, m_ref, linv_ref, m_sc, l_sc, acc_sc = refs
   else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    q_ref, k_ref, v_ref, o_ref, m_ref, linv_ref, m_sc, l_sc, acc_sc = refs
   i, j = pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -80,18 +80,20 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, has_segments, pr
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
-    o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
-    lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+    l_inv = 1.0 / l_sc[...]
+    o_ref[...] = (acc_sc[...] * l_inv).astype(o_ref.dtype)
+    m_ref[...] = m_sc[...]
+    linv_ref[...] = l_inv
 
 
-def _dlogits(q, k, v, do, lse, delta, i, j, qseg_ref, kseg_ref, *, scale, causal, kv_len, block_q, block_k,
+def _dlogits(q, k, v, do, m, l_inv, delta, i, j, qseg_ref, kseg_ref, *, scale, causal, kv_len, block_q, block_k,
              has_segments, precision):
-  """(p, dlogits) [block_q, block_k] for query block i and key block j, from the saved logsumexp."""
+  """(p, dlogits) [block_q, block_k] for query block i and key block j, from the saved m and 1 / l."""
   s = common.dot(q, k, (1, 1), precision) * scale
   s, allowed = common.mask_logits(
       s, common.positions(i * block_q, block_q, 0), common.positions(j * block_k, block_k, 1), kv_len=kv_len,
       causal=causal, q_seg=qseg_ref[...] if has_segments else None, k_seg=kseg_ref[...] if has_segments else None)
-  p = jnp.exp(s - lse)  # lse [block_q, 1]
+  p = jnp.exp(s - m) * l_inv  # m, l_inv [block_q, 1]; see flash_common on why not a logsumexp
   dp = common.dot(do, v, (1, 1), precision)
   ds = p * (dp - delta)
   if allowed is not None:  # Masked logits are constants: no gradient (matters only for fully masked rows).
@@ -102,9 +104,9 @@ def _dlogits(q, k, v, do, lse, delta, i, j, qseg_ref, kseg_ref, *, scale, causal
 def _dkdv_kernel(*refs, causal, block_q, block_k, **kw):
   """Grid step (b, h, j, i): adds query block i's share to dk, dv of key block j."""
   if kw['has_segments']:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
   else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     qseg_ref = kseg_ref = None
   j, i = pl.program_id(2), pl.program_id(3)
 
@@ -115,7 +117,8 @@ def _dkdv_kernel(*refs, causal, block_q, block_k, **kw):
 
   def _step():
     q, do = q_ref[...], do_ref[...]
-    p, ds = _dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], i, j, qseg_ref, kseg_ref,
+    p, ds = _dlogits(q, k_ref[...], v_ref[...], do, m_ref[...], linv_ref[...], delta_ref[...], i, j, qseg_ref,
+                     kseg_ref,
                      causal=causal, block_q=block_q, block_k=block_k, **kw)
     dv_sc[...] += common.dot(p.astype(do.dtype).T, do, (1, 0), kw['precision'])  # [block_k, D]
     dk_sc[...] += common.dot(ds.astype(q.dtype).T, q, (1, 0), kw['precision'])
@@ -134,9 +137,9 @@ def _dkdv_kernel(*refs, causal, block_q, block_k, **kw):
 def _dq_kernel(*refs, causal, block_q, block_k, **kw):
   """Grid step (b, h, i, j): adds key block j's share to dq of query block i."""
   if kw['has_segments']:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, dq_sc = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, dq_sc = refs
   else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
+    q_ref, k_ref, v_ref, do_ref, m_ref, linv_ref, delta_ref, dq_ref, dq_sc = refs
     qseg_ref = kseg_ref = None
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -146,7 +149,7 @@ def _dq_kernel(*refs, causal, block_q, block_k, **kw):
 
   def _step():
     k = k_ref[...]
-    _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], i, j, qseg_ref,
+    _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], m_ref[...], linv_ref[...], delta_ref[...], i, j, qseg_ref,
                      kseg_ref, causal=causal, block_q=block_q, block_k=block_k, **kw)
     dq_sc[...] += common.dot(ds.astype(k.dtype), k, (1, 0), kw['precision'])
 
@@ -184,7 +187,8 @@ def _interpret_arg(interpret: bool):
 
 
 def _call_forward(q, k, v, q_seg, kv_seg, *, causal, kv_len, block_q, block_k, interpret):
-  """Forward kernel on padded [B, H, T, D] inputs; returns (o [B, H, Tq, D], lse [B, H, Tq, 1] float32)."""
+  """Forward kernel on padded [B, H, T, D] inputs; returns (o [B, H, Tq, D], m, 1 / l), the last two float32
+  [B, H, Tq, 1]."""
   batch, heads, q_len, head_dim = q.shape
   has_segments = q_seg is not None
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
@@ -202,16 +206,16 @@ def _call_forward(q, k, v, q_seg, kv_seg, *, causal, kv_len, block_q, block_k, i
                              block_q=block_q, block_k=block_k, has_segments=has_segments, precision=precision)
   return pl.pallas_call(
       kernel, grid=(batch, heads, q_len // block_q, k.shape[2] // block_k), in_specs=in_specs,
-      out_specs=[out_spec, stat_spec],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32)],
+      out_specs=[out_spec, stat_spec, stat_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + 2 * [jax.ShapeDtypeStruct((batch, heads, q_len, 1),
+                                                                                     jnp.float32)],
       scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
                       pltpu.VMEM((block_q, head_dim), jnp.float32)],
       compiler_params=_compiler_params(), interpret=_interpret_arg(interpret),
       name='jmm_flash_attention_fwd_tpu')(*args)
 
 
-def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_q, block_k, interpret):
+def _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, *, causal, kv_len, block_q, block_k, interpret):
   """dk/dv and dq kernels on padded [B, H, T, D] inputs; returns (dq, dk, dv)."""
   batch, heads, q_len, head_dim = q.shape
   kv_pad = k.shape[2]
@@ -220,14 +224,14 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_
   kw = dict(scale=float(1 / np.sqrt(head_dim)), causal=causal, kv_len=kv_len, block_q=block_q, block_k=block_k,
             has_segments=has_segments, precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
   q_row, kv_row = _index_maps(causal, block_q, block_k, q_len // block_q)
-  args = [q, k, v, do, lse, delta] + ([q_seg, kv_seg] if has_segments else [])
+  args = [q, k, v, do, *stats, delta] + ([q_seg, kv_seg] if has_segments else [])
 
   def specs(qi, kj):
-    """In specs for (q, k, v, do, lse, delta[, segs]) given q / kv block-index functions of the grid indices."""
+    """In specs for (q, k, v, do, m, 1 / l, delta[, segs]) given q / kv block-index functions of the grid indices."""
     q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, x, y: (b, h, qi(x, y), 0))
     kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, x, y: (b, h, kj(x, y), 0))
     stat = pl.BlockSpec((None, None, block_q, 1), lambda b, h, x, y: (b, h, qi(x, y), 0))
-    out = [q_spec, kv_spec, kv_spec, q_spec, stat, stat]
+    out = [q_spec, kv_spec, kv_spec, q_spec, stat, stat, stat]
     if has_segments:
       out += [pl.BlockSpec((None, block_q, 1), lambda b, h, x, y: (b, qi(x, y), 0)),
               pl.BlockSpec((None, 1, block_k), lambda b, h, x, y: (b, 0, kj(x, y)))]
@@ -257,18 +261,18 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, kv_len, block_
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, static):
-  o, _ = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
+  o, _, _ = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
   return o
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, static):
-  o, lse = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
-  return o, (q, k, v, q_seg, kv_seg, o, lse)
+  o, m, l_inv = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
+  return o, (q, k, v, q_seg, kv_seg, o, (m, l_inv))
 
 
 def _flash_bwd(static, residuals, do):
-  q, k, v, q_seg, kv_seg, o, lse = residuals
-  dq, dk, dv = _call_backward(q, k, v, q_seg, kv_seg, o, lse, do, **dict(static))
+  q, k, v, q_seg, kv_seg, o, stats = residuals
+  dq, dk, dv = _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, **dict(static))
   return dq, dk, dv, None, None  # Segment ids are integers: no cotangent.
 
 

@@ -1,8 +1,10 @@
 """Pieces shared by the Pallas flash-attention kernels (GPU / Triton and TPU / Mosaic): masking, padding, checks.
 
 Both kernels follow FlashAttention-2 (Dao 2023, arXiv:2307.08691): the forward pass walks the keys block by block
-with an online softmax (running max m, running sum l, float32 accumulator) and saves only the per-query
-logsumexp; the backward pass recomputes the probabilities from it, with delta = rowsum(o * do).
+with an online softmax (running max m, running sum l, float32 accumulator) and saves per query row only m and
+1 / l; the backward pass recomputes the probabilities p = exp(s - m) / l from them, with delta = rowsum(o * do).
+Two statistics, not FlashAttention's single logsumexp m + log(l): in a fully masked row m is MASK_VALUE
+(~-2.4e38), which absorbs log(l) in float32, so exp(s - lse) would give weights of 1 instead of 1 / l.
 
 Masked logits. A position hidden by the causal mask or by segment ids gets `MASK_VALUE`, the finite large
 negative that `jax.nn.dot_product_attention` (and `attention.reference_attention`) use, so a query that sees no
