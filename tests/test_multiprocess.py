@@ -1,0 +1,71 @@
+"""Two processes x 4 CPU devices on loopback (launch/local_multiprocess.sh) train like one process x 8 devices,
+checkpoint collectively, and resume after both die."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = [
+    '--config=configs/siglip.py:batch=16,steps=6,res=16',
+    '--config.model.image.width=32', '--config.model.image.depth=1', '--config.model.image.mlp_dim=64',
+    '--config.model.image.num_heads=2', '--config.model.image.patch_size=(8,8)',
+    '--config.model.text.width=32', '--config.model.text.depth=1', '--config.model.text.mlp_dim=64',
+    '--config.model.text.num_heads=2', '--config.model.out_dim=32', '--config.log_every=1',
+    '--config.checkpoint.every=2', '--config.tokenizer.train_sentences=2000',
+    '--config.mesh=data=-1,fsdp=2,tensor=1',
+    '--config.evals.zeroshot.num_examples=48', '--config.evals.retrieval.num_examples=48',
+    '--config.evals.linear_probe.num_examples=48', '--config.evals.linear_probe.train_examples=96',
+]
+
+
+def _env(**extra):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # The launcher sets the per-process device count itself.
+  env.update(JAX_PLATFORMS='cpu', PYTHON=sys.executable, **extra)
+  return env
+
+
+def _launch(n, workdir, *extra):
+  cmd = ['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), str(n), *FLAGS, f'--workdir={workdir}',
+         *extra]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=_env(DEVICES_PER_PROCESS='4'))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def test_launcher_help():
+  out = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '--help'],
+                       capture_output=True, text=True, check=True).stdout
+  assert 'DEVICES_PER_PROCESS' in out and 'local_multiprocess.sh N' in out
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_match_one_process(tmp_path):
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  # Both processes die hard (SIGKILL) right after the collective checkpoint of step 4 ...
+  first = _launch(2, multi, '--config.debug.kill_at_step=4')
+  assert first.returncode != 0, first.stdout + first.stderr
+  assert os.path.isdir(os.path.join(multi, 'checkpoints', '4')), first.stdout + first.stderr
+  # ... and the same command resumes there and finishes.
+  second = _launch(2, multi)
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  assert 'resumed from checkpoint at step 4' in second.stdout
+  assert '2 processes' in second.stdout
+  assert os.path.isfile(os.path.join(multi, 'final_metrics.json'))
+
+  proc = subprocess.run([sys.executable, '-m', 'jmm.main', *FLAGS, f'--workdir={single}'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  want, got = _losses(single), _losses(multi)
+  assert sorted(want) == list(range(1, 7)) and sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5)
