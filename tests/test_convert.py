@@ -198,7 +198,7 @@ def test_open_clip_parity_and_roundtrip(open_clip_model, tmp_path):
   state = _state(model)
   (tmp_path / 'open_clip_config.json').write_text(json.dumps(config))
   common.write_safetensors(str(tmp_path / 'open_clip_model.safetensors'), state)
-  spec, flat = convert.import_weights('open_clip', str(tmp_path))
+  spec, flat = convert.import_checkpoint('open_clip', str(tmp_path))
   assert spec['loss'] == 'sigmoid' and spec['model']['image']['num_heads'] == 4
   assert spec['model']['image']['activation'] == 'gelu'  # Exact GELU: open_clip without quick_gelu.
   images, ids = _inputs(2, eos=VOCAB - 1)  # End-of-text is the largest id, as in CLIP's vocabulary.
@@ -272,7 +272,7 @@ def test_big_vision_parity_roundtrip_and_scan(hf_siglip, tmp_path):
   from jmm.convert import big_vision  # pylint: disable=g-import-not-at-top
   bv = _hf_siglip_to_big_vision(_state(hf_siglip), 4, 4)
   np.savez(tmp_path / 'siglip.npz', **bv)
-  spec, flat = convert.import_weights('big_vision', str(tmp_path / 'siglip.npz'))
+  spec, flat = convert.import_checkpoint('big_vision', str(tmp_path / 'siglip.npz'))
   assert spec['model']['image']['num_heads'] == 4 and spec['model']['image']['pool_type'] == 'map'
   images, ids = _inputs(3)
   for got, want in zip(_jmm_outputs(spec, flat, images, ids), _hf_outputs(hf_siglip, images, ids)):
@@ -289,3 +289,78 @@ def test_big_vision_parity_roundtrip_and_scan(hf_siglip, tmp_path):
       scanned[f'{prefix}/encoderblock/{name}'] = np.stack([bv[f'{prefix}/encoderblock_{i}/{name}'] for i in range(2)])
   _, flat2 = big_vision.from_params(scanned)
   assert sorted(flat2) == sorted(flat) and all(np.array_equal(flat2[k], flat[k]) for k in flat)
+
+
+def _load_config(name, arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_cli_import_then_pretrained_config_and_init(hf_siglip, tmp_path, capsys):
+  """import_weights CLI -> .npz -> configs/pretrained.py builds the model -> load_init_params -> HF's outputs."""
+  from jmm import train  # pylint: disable=g-import-not-at-top
+  from jmm.convert import import_weights  # pylint: disable=g-import-not-at-top
+  hf_siglip.save_pretrained(str(tmp_path / 'hf'))
+  out = str(tmp_path / 'siglip.npz')
+  assert import_weights.main(['--format=hf', f'--src={tmp_path / "hf"}', f'--out={out}']) == 0
+  printed = capsys.readouterr().out
+  assert f'configs/pretrained.py:weights={out}' in printed and '--config.data.text_len=12' in printed
+  config = _load_config('pretrained', f'weights={out}')
+  assert config.init_from == out and config.loss.name == 'sigmoid' and config.data.resolution == IMAGE
+  model = train.make_model(config, vocab_size=VOCAB)
+  params, _ = train.init_params(model, config, 0)
+  loaded = convert.load_init_params(config.init_from, params)
+  images, ids = _inputs(4)
+  with jax.default_matmul_precision('highest'):
+    zimg, ztxt, _ = model.apply({'params': loaded}, jnp.asarray(images), jnp.asarray(ids))
+  want = _hf_outputs(hf_siglip, images, ids)
+  assert _rel_err(zimg, want[0]) < RTOL and _rel_err(ztxt, want[1]) < RTOL
+  # A config that does not match the weights is refused, naming the parameter.
+  config.data.text_len = TEXT_LEN + 4
+  params, _ = train.init_params(train.make_model(config, vocab_size=VOCAB), config, 0)
+  with pytest.raises(ValueError, match=r"'txt/pos_embedding' has shape \(12, 48\) there.*\(16, 48\)"):
+    convert.load_init_params(out, params)
+  # Export back through the CLI: the HF directory reproduces the original model's outputs.
+  from jmm.convert import export_weights  # pylint: disable=g-import-not-at-top
+  assert export_weights.main([f'--src={out}', f'--out={tmp_path / "back"}']) == 0
+  back = transformers.SiglipModel.from_pretrained(str(tmp_path / 'back')).eval()
+  for got, want_ in zip(_hf_outputs(back, images, ids), want):
+    np.testing.assert_array_equal(got, want_)
+
+
+def test_load_init_params_from_workdir(tmp_path):
+  """A jmm workdir's latest checkpoint gives its params (only), stacked-layer names included; mismatches named."""
+  from jmm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  spec = dict(format='jmm', loss='sigmoid', resolution=16, text_len=8, vocab_size=32,
+              model=dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=[8, 8], pool_type='map'),
+                         text=dict(width=32, depth=1, mlp_dim=64, num_heads=2, pool_type='last'), out_dim=16,
+                         temperature_init=1.0, bias_init=-1.0))
+  model = convert.model_from_spec(spec)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
+  params = jax.tree.map(np.asarray, __import__('flax').linen.unbox(variables['params']))
+  state = {'params': params, 'opt_state': {'mu': jax.tree.map(np.ones_like, params)}, 'step': np.int32(7)}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), use_async=False, every=1)
+  ck.save(7, state, {'position': 3}, force=True)
+  ck.close()
+  zeros = jax.tree.map(np.zeros_like, params)
+  loaded = convert.load_init_params(str(tmp_path), zeros)
+  flat_loaded, flat_want = convert.flatten(loaded), convert.flatten(params)
+  assert sorted(flat_loaded) == sorted(flat_want)
+  assert all(np.array_equal(flat_loaded[k], flat_want[k]) for k in flat_want)
+  wrong = dict(spec, model=dict(spec['model'], out_dim=8))
+  wrong_params = __import__('flax').linen.unbox(convert.model_from_spec(wrong).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))['params'])
+  with pytest.raises(ValueError, match="'img/head/bias' has shape"):
+    convert.load_init_params(str(tmp_path), wrong_params)
+  # A converted .npz saved per block loads into a scanned (nn.scan) model of the same sizes.
+  common.save_params(str(tmp_path / 'p.npz'), flat_want, spec)
+  scan = dict(spec, model=dict(spec['model'], image=dict(spec['model']['image'], scan=True)))
+  scan_params = __import__('flax').linen.unbox(convert.model_from_spec(scan).init(
+      jax.random.key(1), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))['params'])
+  stacked = convert.flatten(convert.load_init_params(str(tmp_path / 'p.npz'), scan_params))
+  key = 'img/encoder/encoderblock/attn/query/kernel'
+  assert np.array_equal(stacked[key][0], flat_want['img/encoder/encoderblock_0/attn/query/kernel'])

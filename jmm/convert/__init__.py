@@ -17,7 +17,7 @@ from jmm.convert import common
 FORMATS = ('hf', 'open_clip', 'big_vision')
 
 
-def import_weights(fmt: str, src: str, config_path: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def import_checkpoint(fmt: str, src: str, config_path: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
   """Reads a peer checkpoint of format `fmt` ('hf', 'open_clip', 'big_vision') -> (spec, flat params)."""
   if fmt == 'hf':
     from jmm.convert import hf  # pylint: disable=g-import-not-at-top
@@ -107,8 +107,13 @@ def match_params(flat: dict, params, source: str):
   return unflatten(out)
 
 
-def _workdir_params(workdir: str, params) -> dict:
-  """Params (only) of the latest checkpoint in a jmm workdir."""
+def read_workdir_params(workdir: str, params=None) -> dict:
+  """Params (only) of the latest checkpoint in a jmm workdir, as numpy on the host.
+
+  With `params` (the model's tree), names and shapes are checked against it from the checkpoint's metadata
+  before any bytes are read. The whole saved state is restored into single-device host buffers (a target built
+  from the metadata, so the mesh that wrote it does not matter) and its params kept.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from jmm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -116,16 +121,16 @@ def _workdir_params(workdir: str, params) -> dict:
   try:
     step = ck.latest_step()
     if step is None:
-      raise FileNotFoundError(f'init_from={workdir!r}: no checkpoint in {ck.directory}')
+      raise FileNotFoundError(f'{workdir!r}: no checkpoint in {ck.directory}')
     meta = ck.manager.item_metadata(step)['state']
     meta = getattr(meta, 'tree', meta)
-    saved = flatten(meta['params'])
-    shapes = {k: tuple(getattr(v, 'shape', ()) or ()) for k, v in saved.items()}
-    match_params({k: np.zeros(s, np.float32) for k, s in shapes.items()}, params,
-                 f'{ck.directory}/{step}')  # Names and shapes checked before any bytes are read.
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
-    restored = ck.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({'params': abstract}, strict=False)))
+    if params is not None:
+      shapes = {k: tuple(getattr(v, 'shape', ()) or ()) for k, v in flatten(meta['params']).items()}
+      match_params({k: np.zeros(s, np.float32) for k, s in shapes.items()}, params, f'{ck.directory}/{step}')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, 'shape', ()) or ()), m.dtype, sharding=device), meta)
+    restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return jax.tree.map(np.asarray, restored['state']['params'])
   finally:
     ck.close()
@@ -140,7 +145,7 @@ def load_init_params(path: str, params):
   """
   path = os.fspath(path)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return _workdir_params(path, params)
+    return match_params(flatten(read_workdir_params(path, params)), params, path)
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
     from jmm.convert import hf  # pylint: disable=g-import-not-at-top
     _, flat = hf.load(path)
@@ -155,3 +160,16 @@ def load_init_params(path: str, params):
   else:
     raise FileNotFoundError(f'init_from={path!r} does not exist')
   return match_params(flat, params, path)
+
+
+def read_spec(path: str) -> dict:
+  """The model description stored in a converted params `.npz` (only that entry is read)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'converted weights not found: {path!r} (write them with '
+                            f'python -m jmm.convert.import_weights)')
+  import json  # pylint: disable=g-import-not-at-top
+  with np.load(path, allow_pickle=False) as z:
+    if common.SPEC_KEY not in z.files:
+      raise ValueError(f'{path}: no model description inside; was it written by jmm.convert.import_weights?')
+    return json.loads(str(z[common.SPEC_KEY]))
