@@ -73,7 +73,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   Explicit arguments (the --coordinator_address/--num_processes/--process_id flags, or the environment
   variables JMM_COORDINATOR_ADDRESS, JMM_NUM_PROCESSES, JMM_PROCESS_ID that launch/local_multiprocess.sh sets)
   win; otherwise JAX's own cluster detection runs where it knows the environment: Cloud TPU pods (the TPU
-  metadata server), SLURM (SLURM_JOB_ID with more than one task) and Open MPI / mpirun. On CPU the cross-process
+  metadata server; JMM_DISTRIBUTED=auto asks for it, as launch/tpu_pod.sh and launch/gke.sh do), SLURM (SLURM_JOB_ID with more than one task) and Open MPI / mpirun. On CPU the cross-process
   collectives go through gloo.
   """
   coordinator_address = coordinator_address or os.environ.get('JMM_COORDINATOR_ADDRESS') or None
@@ -81,10 +81,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   if process_id is None:
     process_id = _env_int('JMM_PROCESS_ID')
   explicit = coordinator_address is not None or (num_processes or 1) > 1
+  auto = os.environ.get('JMM_DISTRIBUTED', '') == 'auto'  # Set by launch/tpu_pod.sh and launch/gke.sh.
   slurm = int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1
   tpu_pod = bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
   mpi = int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1
-  if not (explicit or slurm or tpu_pod or mpi):
+  if not (explicit or auto or slurm or tpu_pod or mpi):
     return
   if explicit and (coordinator_address is None or not num_processes or process_id is None):
     raise MeshError('multi-process run needs all of --coordinator_address, --num_processes and --process_id '

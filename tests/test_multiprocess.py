@@ -42,10 +42,28 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
-def test_launcher_help():
-  out = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '--help'],
+@pytest.mark.parametrize('script, expect', [
+    ('local_multiprocess.sh', 'DEVICES_PER_PROCESS'), ('tpu_pod.sh', '--worker=all|--tpu=NAME'),
+    ('gke.sh', '--tpu_type'), ('slurm.sbatch', 'sbatch --nodes')])
+def test_launch_scripts_document_their_arguments(script, expect):
+  path = os.path.join(ROOT, 'launch', script)
+  subprocess.run(['bash', '-n', path], check=True)  # Syntax.
+  out = subprocess.run(['bash', path, '--help'], capture_output=True, text=True, check=True).stdout
+  assert any(e in out for e in expect.split('|')), out
+
+
+def test_launch_scripts_build_the_right_commands():
+  tpu = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), '--tpu=t', '--zone=z', '--dry_run',
+                        '--', '--config=configs/siglip.py', '--workdir=gs://b/r'],
                        capture_output=True, text=True, check=True).stdout
-  assert 'DEVICES_PER_PROCESS' in out and 'local_multiprocess.sh N' in out
+  assert '--worker=all' in tpu and 'JMM_DISTRIBUTED=auto' in tpu and 'jmm.main' in tpu
+  gke = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gke.sh'), '--tpu_type=v5p-128', '--image=img',
+                        '--render', '--', '--config=configs/siglip.py', '--workdir=gs://b/r'],
+                       capture_output=True, text=True, check=True).stdout
+  assert 'kind: JobSet' in gke and 'parallelism: 16' in gke  # v5p-128 = 64 chips = 16 hosts of 4.
+  bad = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), '--zone=z', '--', '--x'],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and '--tpu and --zone are required' in bad.stderr
 
 
 @pytest.mark.slow
