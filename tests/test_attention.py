@@ -111,3 +111,65 @@ def test_cudnn_matches_reference():
   out = attention.dot_product_attention(q, k, v, impl='cudnn')
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(attention.reference_attention(q, k, v), np.float32), atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# causal / segment_ids through the dispatch, 'pallas' and 'auto'.
+
+def test_causal_and_segment_ids_match_explicit_masks():
+  """causal=True and segment_ids give exactly what the equivalent dense mask gives, on every dense path."""
+  q, k, v = _qkv((2, 9, 2, 8), (2, 9, 2, 8))
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  causal = np.tril(np.ones((9, 9), bool))
+  same = np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]  # [B, 1, T, T]
+  for impl in ('xla', 'reference'):
+    run = lambda **kw: attention.dot_product_attention(q, k, v, impl=impl, **kw)
+    np.testing.assert_allclose(run(causal=True), _naive(q, k, v, causal), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(segment_ids=seg), _naive(q, k, v, same), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(causal=True, segment_ids=seg), _naive(q, k, v, same & causal),
+                               atol=1e-5, rtol=1e-5)
+    # A dense mask is ANDed with both.
+    mask = _random_mask(2, 9, 9)
+    np.testing.assert_allclose(run(mask=mask, causal=True), _naive(q, k, v, np.asarray(mask) & causal),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_segment_pair():
+  q, k, v = _qkv((1, 3, 1, 8), (1, 5, 1, 8))
+  q_ids, kv_ids = jnp.asarray([[0, 1, 1]]), jnp.asarray([[0, 0, 1, 1, 1]])
+  want = _naive(q, k, v, np.asarray(q_ids)[:, None, :, None] == np.asarray(kv_ids)[:, None, None, :])
+  out = attention.dot_product_attention(q, k, v, segment_ids=(q_ids, kv_ids), impl='xla')
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match='pair'):  # One [B, T] array only for self-attention.
+    attention.dot_product_attention(q, k, v, segment_ids=q_ids, impl='xla')
+
+
+def test_pallas_dispatch_matches_reference_on_cpu():
+  """impl='pallas' on CPU runs the Triton kernel interpreted; same numbers as the reference."""
+  q, k, v = _qkv((1, 20, 2, 16), (1, 20, 2, 16))
+  out = attention.dot_product_attention(q, k, v, causal=True, impl='pallas')
+  np.testing.assert_allclose(out, attention.reference_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_pallas_rejects_dense_mask_and_auto_falls_back():
+  q, k, v = _qkv((1, 6, 1, 16), (1, 6, 1, 16))
+  mask = _random_mask(1, 6, 6)
+  with pytest.raises(ValueError, match='dense mask'):
+    attention.dot_product_attention(q, k, v, mask, impl='pallas')
+  assert attention.choose_impl(q, k, mask, platform='tpu') == 'xla'
+  np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, mask, impl='auto'),
+                                attention.dot_product_attention(q, k, v, mask, impl='xla'))
+
+
+def test_auto_table():
+  """'auto' per platform: cuDNN for bf16 on GPU where it applies, Pallas otherwise; XLA on CPU."""
+  bf16 = jnp.zeros((2, 197, 12, 64), jnp.bfloat16)
+  f32 = jnp.zeros((2, 197, 12, 64), jnp.float32)
+  odd = jnp.zeros((2, 197, 3, 24), jnp.float32)  # head_dim 24: not a power of two for Triton.
+  seg = jnp.zeros((2, 197), jnp.int32)
+  assert attention.choose_impl(bf16, bf16, platform='gpu') == 'cudnn'
+  assert attention.choose_impl(f32, f32, platform='gpu') == 'pallas'  # cuDNN: fp16 / bf16 only.
+  assert attention.choose_impl(bf16, bf16, segment_ids=seg, platform='gpu') == 'pallas'  # odd length + mask
+  assert attention.choose_impl(odd, odd, platform='gpu') == 'xla'
+  assert attention.choose_impl(bf16, bf16, platform='tpu') == 'pallas'
+  assert attention.choose_impl(bf16, bf16, platform='cpu') == 'xla'
