@@ -134,10 +134,16 @@ def get_tokenizer(path: str | None, workdir: str, sentences_fn: Callable[[], lis
                   vocab_size: int) -> Tokenizer:
   """The tokenizer at `path`, else workdir/tokenizer.model, trained there from `sentences_fn()` if absent.
 
+  `path` is a SentencePiece `.model` (SigLIP), or CLIP's BPE files: a directory with vocab.json + merges.txt,
+  either file's path, or open_clip's bpe_simple_vocab_16e6.txt.gz (`jmm.data.clip_bpe`).
+
   Caching it in the workdir keeps the vocabulary fixed across restarts of a run (a retrained model could
   differ from the one the checkpoint's embeddings were learnt with); `sentences_fn` is only called to train.
   """
   if path:
+    if os.path.isdir(path) or path.endswith(('.json', '.txt', '.txt.gz')):  # CLIP's BPE files (vocab + merges).
+      from jmm.data import clip_bpe  # pylint: disable=g-import-not-at-top
+      return clip_bpe.ClipTokenizer(path)
     return Tokenizer(path)  # FileNotFoundError naming the path if it is missing.
   cached = os.path.join(workdir, MODEL_FILENAME)
   if os.path.isfile(cached):

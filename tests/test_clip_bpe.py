@@ -1,0 +1,114 @@
+"""CLIP byte-level BPE (jmm.data.clip_bpe) against HF's CLIPTokenizer on a tiny vocabulary made here."""
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from jmm.data import clip_bpe
+from jmm.data import tokenizer as tokenizer_lib
+
+CORPUS = ('a photo of a red cat', 'the dog\'s ball is blue', 'two small green triangles in the top left',
+          'photos of cats and dogs', 'a blue square, a red circle!', 'it\'s the 3rd photo')
+TEXTS = ['A photo of a RED cat.', "the dog's ball   isn't blue", 'photos of 12 cats & dogs!!', 'café über 中文 🙂',
+         "we'll see'd they've", 'triangles\tin\nthe  top left', '', 'x' * 40, 'a,b;c:d']
+
+
+def _learn_merges(corpus, count):
+  """Plain BPE training (most frequent adjacent pair first) over byte symbols with '</w>' word ends."""
+  table = clip_bpe.byte_symbols()
+  words = collections.Counter(w for text in corpus for w in clip_bpe.pre_tokenize(clip_bpe.clean(text)))
+  split = {w: [table[b] for b in w.encode()] for w in words}
+  for parts in split.values():
+    parts[-1] += clip_bpe.EOW
+  merges = []
+  for _ in range(count):
+    pairs = collections.Counter()
+    for w, parts in split.items():
+      for pair in zip(parts, parts[1:]):
+        pairs[pair] += words[w]
+    if not pairs:
+      break
+    best = max(sorted(pairs), key=lambda p: pairs[p])
+    merges.append(best)
+    for w, parts in split.items():
+      out, i = [], 0
+      while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+          out.append(parts[i] + parts[i + 1])
+          i += 2
+        else:
+          out.append(parts[i])
+          i += 1
+      split[w] = out
+  return merges
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """vocab.json + merges.txt (HF layout) and the same merges as an open_clip .txt.gz, in OpenAI's id order."""
+  root = tmp_path_factory.mktemp('bpe')
+  merges = _learn_merges(CORPUS, 40)
+  symbols = list(clip_bpe.byte_symbols().values())
+  tokens = symbols + [s + clip_bpe.EOW for s in symbols] + [a + b for a, b in merges] + [clip_bpe.SOT, clip_bpe.EOT]
+  (root / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+  lines = ['#version: 0.2'] + [f'{a} {b}' for a, b in merges]
+  (root / 'merges.txt').write_text('\n'.join(lines) + '\n')
+  with gzip.open(root / 'bpe_simple_vocab_16e6.txt.gz', 'wt', encoding='utf-8') as f:
+    f.write('\n'.join(lines) + '\n')
+  return root, merges, len(tokens)
+
+
+def _hf_tokenizer(root):
+  pytest.importorskip('torch')
+  if 'torchvision' not in sys.modules:  # See tests/test_convert.py: a broken torchvision breaks transformers.
+    try:
+      import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except Exception:  # pylint: disable=broad-except
+      for name in [n for n in sys.modules if n.startswith('torchvision')]:
+        del sys.modules[name]
+      sys.modules['torchvision'] = None
+  transformers = pytest.importorskip('transformers')
+  vocab = json.loads((root / 'vocab.json').read_text())
+  merges = [tuple(line.split()) for line in (root / 'merges.txt').read_text().split('\n')[1:] if line]
+  return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def test_matches_hf_clip_tokenizer(files):
+  root, merges, size = files
+  assert len(merges) == 40
+  tok = clip_bpe.ClipTokenizer(str(root / 'vocab.json'))
+  assert tok.vocab_size == size and tok.eos_id == size - 1 and tok.pad_id == 0
+  hf = _hf_tokenizer(root)
+  for text in TEXTS:
+    assert tok.tokenize(text) == hf(text, add_special_tokens=False)['input_ids'], text
+  # Fixed-length batches: <|startoftext|> ... <|endoftext|>, truncation keeps the end token; HF pads with
+  # <|endoftext|> where jmm pads with 0, so rows are compared up to their first end token.
+  max_len = 10
+  ours = tok.encode(TEXTS, max_len)
+  theirs = hf(TEXTS, padding='max_length', truncation=True, max_length=max_len)['input_ids']
+  assert ours.shape == (len(TEXTS), max_len) and ours.dtype == np.int32
+  for row, want in zip(ours.tolist(), theirs):
+    end = want.index(tok.eos_id) + 1
+    assert row[:end] == want[:end]
+    assert all(i == 0 for i in row[end:])
+
+
+def test_gz_merges_file_pickling_decode_and_get_tokenizer(files):
+  root, _, _ = files
+  from_json = clip_bpe.ClipTokenizer(str(root))
+  from_gz = clip_bpe.ClipTokenizer(str(root / 'bpe_simple_vocab_16e6.txt.gz'))
+  ids = from_json.encode(TEXTS, 24)
+  np.testing.assert_array_equal(from_gz.encode(TEXTS, 24), ids)
+  copy = pickle.loads(pickle.dumps(from_gz))
+  np.testing.assert_array_equal(copy.encode(TEXTS, 24), ids)
+  assert from_json.decode(from_json.encode(['A Photo  of 12 cats!'], 24)) == ['a photo of 1 2 cats !']
+  picked = tokenizer_lib.get_tokenizer(str(root / 'merges.txt'), str(root), lambda: [], 0)
+  assert isinstance(picked, clip_bpe.ClipTokenizer)
+  with pytest.raises(FileNotFoundError, match='vocab.json'):
+    clip_bpe.ClipTokenizer(str(root / 'missing' / 'vocab.json'))
