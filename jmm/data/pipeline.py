@@ -9,6 +9,9 @@ bit-exactly, on any machine. Grain shuffles and batches example *indices*, and t
 the per-batch map: Grain's per-element bookkeeping (stats, byte-size estimates) costs ~60 us on an example
 dict of arrays but ~15 us on an int, a third of the synthetic source's render time saved. Decoding also runs
 once per batch: the uint8 -> float conversion is one vectorised op and SentencePiece gets all captions at once.
+
+Real data (tar shards, ArrayRecord, TFDS; `file_train_iterator`, below) takes another path: its records can be
+bad, so examples are decoded one by one and the bad ones filtered out before batching (see that section).
 """
 from __future__ import annotations
 
@@ -169,7 +172,7 @@ class _ReadExample:
       rng = np.random.default_rng([self.seed % _UINT32, self.source_id, int(position)])
       return {'image': self.transform(record['image'], rng), 'caption': caption, 'source': self.source_id}
     except Exception as e:  # pylint: disable=broad-except  (a bad record is counted, never a crash)
-      kind = getattr(e, 'kind', 'record')
+      kind = e.kind if isinstance(e, transforms.BadRecord) else 'record'
       if self._logged < self.log_first:
         self._logged += 1
         logging.warning('%s: skipping bad %s: %s: %s', getattr(self.source, 'name', '?'), kind,
