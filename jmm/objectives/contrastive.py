@@ -206,22 +206,33 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _gather_terms(zimg, ztxt, t, b, axes, name):
-  """Per-device local loss against all-gathered embeddings: rows of this device, columns of the whole batch."""
+  """Per-device local loss against all-gathered text embeddings: rows of this device, columns of the batch.
+
+  The softmax loss's text->image half needs, for each local text, a log-sum-exp over every image: a column
+  of the global logits. Each device holds a [b, B] row slab, so it sums its rows' share of every column and one
+  psum of a [B] vector completes them; unlike open_clip's `local_loss`, the images are not gathered too, which
+  halves the gathered embeddings and the [b, B] logits a device holds. Same loss, same gradients.
+  """
   rows = zimg.shape[0]
   first = jax.lax.axis_index(axes) * rows  # Global index of this device's first pair.
   all_txt = jax.lax.all_gather(ztxt, axes, tiled=True)  # [B, dim]
   sims = jnp.einsum('id,jd->ij', zimg, all_txt)  # [b, B] rows i of the global similarity matrix.
   positive = jax.nn.one_hot(first + jnp.arange(rows), sims.shape[1], dtype=jnp.bool_)  # [b, B]
+  diag = jnp.sum(jnp.where(positive, sims, 0.0), axis=1)  # [b] positives, pair i of this device.
   if name == 'sigmoid':
-    labels = jnp.where(positive, 1.0, -1.0)
-    loss = -jnp.sum(jax.nn.log_sigmoid(labels * (sims * t + b)))
+    loss = -jnp.sum(jax.nn.log_sigmoid(jnp.where(positive, 1.0, -1.0) * (sims * t + b)))
   else:
-    all_img = jax.lax.all_gather(zimg, axes, tiled=True)  # [B, dim]
-    sims_t2i = jnp.einsum('id,jd->ij', ztxt, all_img)  # [b, B] columns j of the global matrix, transposed.
-    i2t = -jnp.sum(jnp.where(positive, jax.nn.log_softmax(sims * t, axis=1), 0.0))
-    t2i = -jnp.sum(jnp.where(positive, jax.nn.log_softmax(sims_t2i * t, axis=1), 0.0))
+    logits = sims * t  # [b, B]
+    i2t = -jnp.sum(jnp.where(positive, jax.nn.log_softmax(logits, axis=1), 0.0))
+    # Column log-sum-exp across devices, shifted by the column max against overflow (so the shift carries no
+    # gradient); the positive minus the shift is taken first, as log_softmax does, so that a confident match
+    # (loss near 0) is not lost to rounding in lse - logit with both near t.
+    shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=0)), axes)  # [B]
+    log_sum = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - shift), axis=0), axes))  # [B]
+    own = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=first, slice_size=rows)  # [B] -> [b]
+    positive_logit = jnp.sum(jnp.where(positive, logits, 0.0), axis=1)  # [b]
+    t2i = jnp.sum(own(log_sum) - (positive_logit - own(shift)))
     loss = 0.5 * (i2t + t2i)
-  diag = jnp.sum(jnp.where(positive, sims, 0.0), axis=1)  # [b]
   rival = jnp.max(jnp.where(positive, -jnp.inf, sims), axis=1)  # [b]
   stats = {'pos': jnp.sum(diag), 'all': jnp.sum(sims), 'hits': jnp.sum((diag >= rival).astype(jnp.float32))}
   return loss, stats
