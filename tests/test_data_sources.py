@@ -361,3 +361,24 @@ def test_webdataset_through_fsspec_urls(wds, tmp_path):
   # The same records as read locally (image decoding, where the corrupt ones fail, comes later).
   assert remote.captions(100) == local.captions(100) and set(good) <= set(remote.captions(100))
   assert remote[0]['image'] == local[0]['image']
+
+
+@pytest.mark.parametrize('tar_format', [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_scan_tar_matches_tarfile(tmp_path, tar_format):
+  """The header scan finds what Python's tarfile finds: names (long ones too), data offsets and sizes."""
+  long_dir = 'd' * 60 + '/' + 'e' * 60  # Over 100 characters: ustar prefix, GNU 'L' or pax 'path' records.
+  names = ['a.jpg', 'a.txt', f'{long_dir}/000001.jpg', f'{long_dir}/000001.txt']
+  if tar_format != tarfile.USTAR_FORMAT:
+    names.append('x' * 150 + '.txt')  # Needs a GNU long name or a pax header.
+  path = tmp_path / 'f.tar'
+  with tarfile.open(path, 'w', format=tar_format) as tar:
+    for i, name in enumerate(names):
+      info = tarfile.TarInfo(name)
+      info.size = 100 * i + 1
+      tar.addfile(info, io.BytesIO(b'z' * info.size))
+  members, size, error = webdataset.scan_tar(str(path))
+  with tarfile.open(path) as tar:
+    expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+  assert error is None and size == os.path.getsize(path)
+  assert members == expected and [m[0] for m in members] == names
+  assert webdataset.split_key(f'{long_dir}/000001.jpg') == (f'{long_dir}/000001', 'jpg')
