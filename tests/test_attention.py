@@ -165,11 +165,11 @@ def test_auto_table():
   """'auto' per platform: cuDNN for bf16 on GPU where it applies, Pallas otherwise; XLA on CPU."""
   bf16 = jnp.zeros((2, 197, 12, 64), jnp.bfloat16)
   f32 = jnp.zeros((2, 197, 12, 64), jnp.float32)
-  odd = jnp.zeros((2, 197, 3, 24), jnp.float32)  # head_dim 24: not a power of two for Triton.
+  big = jnp.zeros((2, 197, 1, 320), jnp.float32)  # head_dim 320: over what cuDNN and the Triton kernel take.
   seg = jnp.zeros((2, 197), jnp.int32)
   assert attention.choose_impl(bf16, bf16, platform='gpu') == 'cudnn'
   assert attention.choose_impl(f32, f32, platform='gpu') == 'pallas'  # cuDNN: fp16 / bf16 only.
   assert attention.choose_impl(bf16, bf16, segment_ids=seg, platform='gpu') == 'pallas'  # odd length + mask
-  assert attention.choose_impl(odd, odd, platform='gpu') == 'xla'
+  assert attention.choose_impl(big, big, platform='gpu') == 'xla'
   assert attention.choose_impl(bf16, bf16, platform='tpu') == 'pallas'
   assert attention.choose_impl(bf16, bf16, platform='cpu') == 'xla'

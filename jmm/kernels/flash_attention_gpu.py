@@ -14,8 +14,8 @@ With `causal`, loops stop at (forward, dq) or start from (dk/dv) the diagonal bl
 Ragged lengths (ViT's 197 / 257 / 577 tokens) are padded up to the block size by the wrapper; padded keys are
 masked to -inf inside the kernels and padded query rows are sliced off (their cotangent is zero, so they add
 nothing to dk / dv). Inputs bf16 / fp16 / fp32; every matmul accumulates in float32 and the softmax statistics
-are float32. Triton needs power-of-two block shapes, so head_dim must be a power of two >= 16 (64 and 128 are
-the ones that matter); `supports` says whether a shape can run here.
+are float32. Triton needs power-of-two block shapes, so other head dims are zero-padded up to the next power
+of two (So400m's 72 -> 128: correct, but 44% of the matmul work is padding; 64 and 128 run unpadded).
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ _MIN_BLOCK = 16  # tl.dot needs every dimension >= 16.
 
 
 def supports(q_shape, kv_shape, dtype) -> bool:
-  """True if the kernel handles these shapes and dtype (head_dim a power of two >= 16; float inputs)."""
-  head_dim = q_shape[-1]
-  return (common.is_power_of_two(head_dim) and head_dim >= 16 and head_dim <= 256
+  """True if the kernel handles these shapes and dtype (head_dim <= 256, padded to a power of two; float inputs)."""
+  del kv_shape
+  return (q_shape[-1] <= 256
           and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
@@ -171,14 +171,14 @@ def _compiler_params(head_dim: int):
   return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def _call_forward(q, k, v, q_seg, kv_seg, *, causal, kv_len, block_q, block_k, interpret):
-  """Runs the forward kernel on padded inputs; returns (o [B, Tq, H, D], m, 1 / l), m and 1 / l [B, H, Tq] float32."""
+def _call_forward(q, k, v, q_seg, kv_seg, *, scale, causal, kv_len, block_q, block_k, interpret):
+  """Runs the forward kernel on padded inputs; returns (o [B, Tq, H, D], m, 1 / l), the last two [B, H, Tq]."""
   batch, q_len, heads, head_dim = q.shape
   kv_pad = k.shape[1]
   has_segments = q_seg is not None
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # IEEE fp32, not TF32, for fp32 inputs.
   kernel = functools.partial(
-      _fwd_kernel, scale=float(1 / np.sqrt(head_dim)), causal=causal, kv_len=kv_len, block_q=block_q,
+      _fwd_kernel, scale=scale, causal=causal, kv_len=kv_len, block_q=block_q,
       block_k=block_k, num_kv_blocks=kv_pad // block_k, has_segments=has_segments, precision=precision)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h, 0))
@@ -197,7 +197,7 @@ def _call_forward(q, k, v, q_seg, kv_seg, *, causal, kv_len, block_q, block_k, i
       name='jmm_flash_attention_fwd')(*args)
 
 
-def _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, *, causal, kv_len, block_q, block_k, interpret):
+def _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, *, scale, causal, kv_len, block_q, block_k, interpret):
   """Runs the dk/dv and dq kernels on padded inputs; returns (dq, dk, dv) in the input dtype."""
   batch, q_len, heads, head_dim = q.shape
   kv_pad = k.shape[1]
@@ -205,7 +205,7 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, *, causal, kv_len, bloc
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   # delta_i = rowsum(o_i * do_i) = sum_j p_ij dp_ij: one fused elementwise+reduce, left to XLA.
   delta = jnp.einsum('bqhd,bqhd->bhq', o.astype(jnp.float32), do.astype(jnp.float32))  # [B, H, Tq]
-  kw = dict(scale=float(1 / np.sqrt(head_dim)), causal=causal, kv_len=kv_len, block_q=block_q, block_k=block_k,
+  kw = dict(scale=scale, causal=causal, kv_len=kv_len, block_q=block_q, block_k=block_k,
             has_segments=has_segments, precision=precision)
   params = None if interpret else _compiler_params(head_dim)
 
@@ -276,18 +276,20 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, block_q:
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
   if not supports(q.shape, k.shape, q.dtype):
-    raise ValueError(f'flash_attention_gpu: head_dim must be a power of two in [16, 256] and dtype float32/bf16/'
-                     f'fp16; got head_dim={head_dim}, dtype={q.dtype}')
+    raise ValueError(f'flash_attention_gpu: head_dim must be <= 256 and dtype float32/bf16/fp16; got '
+                     f'head_dim={head_dim}, dtype={q.dtype}')
   if interpret is None:
     interpret = common.default_interpret()
   q_seg, kv_seg = common.split_segment_ids(segment_ids, q_len, kv_len, batch)
   block_q, block_k = _block(block_q, q_len), _block(block_k, kv_len)
   q_pad, kv_pad = common.round_up(q_len, block_q), common.round_up(kv_len, block_k)
-  qp = common.pad_axis(q, 1, q_pad)
-  kp, vp = common.pad_axis(k, 1, kv_pad), common.pad_axis(v, 1, kv_pad)
+  dim_pad = int(max(_MIN_BLOCK, pl.next_power_of_2(head_dim)))  # Zero columns change no q.k and no output.
+  qp = common.pad_axis(common.pad_axis(q, 1, q_pad), 3, dim_pad)
+  kp, vp = (common.pad_axis(common.pad_axis(x, 1, kv_pad), 3, dim_pad) for x in (k, v))
   if q_seg is not None:
     q_seg, kv_seg = common.pad_axis(q_seg, 1, q_pad, -1), common.pad_axis(kv_seg, 1, kv_pad, -2)
-  static = (('causal', bool(causal)), ('kv_len', kv_len if kv_pad != kv_len else None), ('block_q', block_q),
-            ('block_k', block_k), ('interpret', interpret))
+  static = (('scale', float(1 / np.sqrt(head_dim))), ('causal', bool(causal)),
+            ('kv_len', kv_len if kv_pad != kv_len else None), ('block_q', block_q), ('block_k', block_k),
+            ('interpret', interpret))
   out = _flash(qp, kp, vp, q_seg, kv_seg, static)
-  return out[:, :q_len]
+  return out[:, :q_len, :, :head_dim]
