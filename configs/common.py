@@ -39,6 +39,7 @@ def base_config(arg) -> ml_collections.ConfigDict:
   # defaults (webdataset: jpg/jpeg/png/webp + txt; array_record and tfds: 'image' + 'caption').
   # transform: 'resize' (big_vision SigLIP), 'resize_crop', 'random_resized_crop' (crop_scale of the area).
   c.data.update(paths='', image_key='', caption_key='', tfds_name='', split='train', data_dir='', mixture=(),
+                index_cache='',  # webdataset: a folder for per-shard header indexes (skip the scan next time).
                 transform='resize', crop_scale=(0.9, 1.0), value_range=(-1.0, 1.0), max_consecutive_bad=1000,
                 worker_count=0, num_threads=1, prefetch=2)  # Throughput knobs: Grain processes, threads, batches.
   c.tokenizer = dict(path='', vocab_size=128, train_sentences=20000)  # path='' -> trained and cached.

@@ -382,3 +382,17 @@ def test_scan_tar_matches_tarfile(tmp_path, tar_format):
   assert error is None and size == os.path.getsize(path)
   assert members == expected and [m[0] for m in members] == names
   assert webdataset.split_key(f'{long_dir}/000001.jpg') == (f'{long_dir}/000001', 'jpg')
+
+
+def test_index_cache_skips_the_scan(wds, tmp_path, monkeypatch):
+  cache = tmp_path / 'index'
+  first = webdataset.WebDatasetSource(wds[0], index_cache=str(cache))
+  assert len(list(cache.glob('shard-00[01].tar.*.index.npz'))) == 2  # Damaged shards are not cached.
+
+  def no_scan(path):
+    assert path.endswith(('002.tar', '003.tar')), f'scanned {path} again'  # Only the damaged ones.
+    return [], 0, 'empty'
+  monkeypatch.setattr(webdataset, 'scan_tar', no_scan)
+  second = webdataset.WebDatasetSource(wds[0], index_cache=str(cache))
+  assert len(second) == len(first) and second.captions(100) == first.captions(100)
+  np.testing.assert_array_equal(second._index, first._index)  # pylint: disable=protected-access

@@ -59,7 +59,8 @@ def build_source(entry, *, kind: str, name: str, split: str = 'train', field: st
   if kind == 'webdataset':
     exts = (image_key,) if image_key else webdataset.IMAGE_EXTENSIONS
     return webdataset.WebDatasetSource(_field(entry, 'paths'), name=name, image_extensions=exts,
-                                       caption_extension=caption_key or 'txt', field=paths_field)
+                                       caption_extension=caption_key or 'txt',
+                                       index_cache=_field(entry, 'index_cache'), field=paths_field)
   if kind == 'array_record':
     return array_record.ArrayRecordSource(_field(entry, 'paths'), name=name, image_key=image_key or 'image',
                                           caption_key=caption_key or 'caption', field=paths_field)

@@ -5,8 +5,10 @@ does not give. So each shard's tar headers are scanned once (512-byte blocks: na
 starts; the data itself is never read), the members are grouped by KEY (the base name up to its first dot, as
 the WebDataset convention has it), and an example is then read by offset: one ranged read (`fs.cat_file`)
 that covers its image and caption members, which sit next to each other in the tar. Paths are local or any
-fsspec URL (gs://, s3://, https://...); the index lives in memory (a few tens of bytes per example) and
-travels to Grain worker processes inside the pickled source.
+fsspec URL (gs://, s3://, https://...); the index lives in memory (36 bytes per example) and travels to Grain
+worker processes inside the pickled source. Every process indexes every shard (it reads its own slice of all
+examples); with `index_cache` (a folder, local or fsspec) each shard's index is also saved there as a small
+.npz keyed by the shard's path and size, so later runs and the other processes skip the scan.
 
 Damage is counted, never fatal: a key without caption or image, a member cut short by a truncated tar, or an
 image that does not decode is a bad *record*; an empty, missing or unparsable shard is a bad *shard*. Both
@@ -16,6 +18,8 @@ per epoch. Only when no shard holds a single example is it an error (naming the 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import io
 import itertools
 import logging
 import os
@@ -160,8 +164,19 @@ _ENTRY = np.dtype([('shard', np.int32), ('image_offset', np.int64), ('image_size
                    ('caption_offset', np.int64), ('caption_size', np.int64)])
 
 
-def _index_shard(shard: int, path: str, image_extensions: Sequence[str],
-                 caption_extension: str) -> tuple[np.ndarray, str | None]:
+def _index_shard(shard: int, path: str, image_extensions: Sequence[str], caption_extension: str,
+                 cache_dir: str = '') -> tuple[np.ndarray, str | None]:
+  """One shard's entries ([examples] of _ENTRY) and its error; from `cache_dir` when indexed there before."""
+  cache_path = _cache_path(cache_dir, path, image_extensions, caption_extension) if cache_dir else None
+  if cache_path:
+    try:
+      with fsspec.open(cache_path, 'rb') as f:
+        cached = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        rows, error = cached['rows'].copy(), str(cached['error']) or None
+      rows['shard'] = shard
+      return rows, error
+    except (OSError, ValueError, KeyError):
+      pass  # Not cached yet (or unreadable): scan, then write it.
   members, _, error = scan_tar(path)
   groups: dict[str, dict[str, tuple[int, int]]] = {}
   for name, offset, size in members:
@@ -176,7 +191,34 @@ def _index_shard(shard: int, path: str, image_extensions: Sequence[str],
     error = 'empty shard (no tar members)'
   if error is not None:
     rows.append((shard, -1, _BAD_SHARD, -1, -1))  # One placeholder: the damage is counted once per epoch.
-  return np.array(rows, _ENTRY), error
+  rows = np.array(rows, _ENTRY)
+  if cache_path and not error:  # Damaged shards are scanned again next time: they may have been repaired.
+    _write_atomically(cache_path, rows)
+  return rows, error
+
+
+def _cache_path(cache_dir: str, path: str, image_extensions: Sequence[str], caption_extension: str) -> str | None:
+  """Where a shard's index is cached: keyed by its path, size and the member extensions that group it."""
+  fs, local = fsspec.core.url_to_fs(path)
+  try:
+    size = fs.size(local)
+  except OSError:
+    return None
+  key = hashlib.sha1(f'{path}\0{size}\0{",".join(image_extensions)}\0{caption_extension}'.encode()).hexdigest()
+  return f'{cache_dir.rstrip("/")}/{os.path.basename(local)}.{key[:16]}.index.npz'
+
+
+def _write_atomically(path: str, rows: np.ndarray) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, rows=rows, error=np.array(''))
+  fs, local = fsspec.core.url_to_fs(path)
+  try:
+    fs.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f'{local}.tmp{os.getpid()}'
+    fs.pipe_file(tmp, buf.getvalue())
+    fs.mv(tmp, local)  # Readers see the whole file or none (processes may index the same shard at once).
+  except OSError as e:
+    logging.warning('cannot write the shard index cache %s: %s', path, e)
 
 
 class WebDatasetSource:
@@ -187,13 +229,14 @@ class WebDatasetSource:
 
   def __init__(self, paths: str | Sequence[str], *, name: str = 'webdataset',
                image_extensions: Sequence[str] = IMAGE_EXTENSIONS, caption_extension: str = CAPTION_EXTENSION,
-               index_threads: int = 16, field: str = 'data.paths'):
+               index_threads: int = 16, index_cache: str = '', field: str = 'data.paths'):
     self.name = name
     self.paths = expand_paths(paths, field)
     self.image_extensions = tuple(e.lower().lstrip('.') for e in image_extensions)
     self.caption_extension = caption_extension.lower().lstrip('.')
     with concurrent.futures.ThreadPoolExecutor(max(1, min(index_threads, len(self.paths)))) as pool:
-      results = list(pool.map(lambda a: _index_shard(*a, self.image_extensions, self.caption_extension),
+      results = list(pool.map(lambda a: _index_shard(*a, self.image_extensions, self.caption_extension,
+                                                     index_cache),
                               enumerate(self.paths)))
     self.shard_errors = {self.paths[i]: err for i, (_, err) in enumerate(results) if err}
     self._index = np.concatenate([rows for rows, _ in results])  # [examples] of _ENTRY
