@@ -34,4 +34,6 @@ def get_config(arg=None):
   config.loss = dict(name=spec['loss'], impl='dense')
   config.init_from = arg.weights
   config.tokenizer.path = arg.tokenizer
+  # Released SigLIP texts are padded with eos (big_vision pad_value=1; HF SiglipTokenizer pads with '</s>').
+  config.tokenizer.pad_id = 1 if spec['format'] in ('hf_siglip', 'big_vision') else 0
   return config

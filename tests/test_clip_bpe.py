@@ -64,16 +64,21 @@ def files(tmp_path_factory):
   return root, merges, len(tokens)
 
 
-def _hf_tokenizer(root):
+def _transformers():
+  """transformers, importable beside a broken torchvision (see tests/test_convert.py), or skip."""
   pytest.importorskip('torch')
-  if 'torchvision' not in sys.modules:  # See tests/test_convert.py: a broken torchvision breaks transformers.
+  if 'torchvision' not in sys.modules:
     try:
       import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     except Exception:  # pylint: disable=broad-except
       for name in [n for n in sys.modules if n.startswith('torchvision')]:
         del sys.modules[name]
       sys.modules['torchvision'] = None
-  transformers = pytest.importorskip('transformers')
+  return pytest.importorskip('transformers')
+
+
+def _hf_tokenizer(root):
+  transformers = _transformers()
   vocab = json.loads((root / 'vocab.json').read_text())
   merges = [tuple(line.split()) for line in (root / 'merges.txt').read_text().split('\n')[1:] if line]
   return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
@@ -112,3 +117,21 @@ def test_gz_merges_file_pickling_decode_and_get_tokenizer(files):
   assert isinstance(picked, clip_bpe.ClipTokenizer)
   with pytest.raises(FileNotFoundError, match='vocab.json'):
     clip_bpe.ClipTokenizer(str(root / 'missing' / 'vocab.json'))
+
+
+def test_sentencepiece_matches_hf_siglip_tokenizer(tmp_path):
+  """A SentencePiece model in SigLIP's layout (pad 0, eos 1, unk 2) loads in jmm and in HF's SiglipTokenizer,
+  and with pad_id=1 (released SigLIP pads with eos) the fixed-length ids are the same."""
+  sentences = [c.lower().replace("'", '').replace(',', '').replace('!', '') for c in CORPUS] * 20
+  tok = tokenizer_lib.train_tokenizer(sentences, str(tmp_path / 'spiece.model'), 60)
+  padded = tokenizer_lib.Tokenizer(tok.model_path, pad_id=1)
+  assert (tok.pad_id, tok.eos_id, padded.pad_id) == (0, 1, 1)
+  hf_tok = _transformers().SiglipTokenizer(vocab_file=tok.model_path)
+  # (Texts that fit: HF keeps eos on truncated rows, as big_vision's eos='sticky'; jmm's encode drops it.)
+  texts = ['a photo of a red cat', 'two small green triangles in the top left', 'the dogs ball is blue']
+  want = hf_tok(texts, padding='max_length', truncation=True, max_length=32)['input_ids']
+  np.testing.assert_array_equal(padded.encode(texts, 32), np.array(want, np.int32))
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(padded)).encode(texts, 32), padded.encode(texts, 32))
+  with pytest.raises(ValueError, match='pad_id=5'):
+    tokenizer_lib.Tokenizer(tok.model_path, pad_id=5)
+

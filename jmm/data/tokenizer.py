@@ -21,8 +21,14 @@ MODEL_FILENAME = 'tokenizer.model'
 class Tokenizer:
   """A SentencePiece model with batched, fixed-length encoding: texts -> int32 [n, max_len]."""
 
-  def __init__(self, model_path: str):
+  def __init__(self, model_path: str, pad_id: int = PAD_ID):
+    """pad_id: the id rows are padded with. 0 is jmm's convention; released SigLIP models were trained with
+    texts padded with eos (1: big_vision's pad_value=1, HF SiglipTokenizer's pad_token '</s>'), and their
+    'last'-token pooling reads the padding, so use pad_id=1 with them."""
     model_path = os.fspath(model_path)
+    if pad_id not in (PAD_ID, EOS_ID):
+      raise ValueError(f'pad_id={pad_id}: expected {PAD_ID} (pad) or {EOS_ID} (eos, as released SigLIP)')
+    self._pad_id = int(pad_id)
     if not os.path.isfile(model_path):
       raise FileNotFoundError(f'SentencePiece model not found: {model_path!r}')
     self.model_path = model_path
@@ -38,10 +44,11 @@ class Tokenizer:
 
   # Pickled by value (the model bytes), so Grain worker processes need no access to the file.
   def __getstate__(self):
-    return {'model_path': self.model_path, 'proto': self._proto}
+    return {'model_path': self.model_path, 'proto': self._proto, 'pad_id': self._pad_id}
 
   def __setstate__(self, state):
     self.model_path = state['model_path']
+    self._pad_id = state.get('pad_id', PAD_ID)
     self._load(state['proto'])
 
   def __repr__(self) -> str:
@@ -54,8 +61,8 @@ class Tokenizer:
 
   @property
   def pad_id(self) -> int:
-    """Padding id (always 0)."""
-    return PAD_ID
+    """Padding id (0 unless constructed with pad_id=1)."""
+    return self._pad_id
 
   @property
   def eos_id(self) -> int:
@@ -72,7 +79,7 @@ class Tokenizer:
     if max_len <= 0:
       raise ValueError(f'max_len must be positive, got {max_len}')
     pieces = self._sp.encode(list(texts), out_type=int, add_eos=True)
-    out = np.full((len(pieces), max_len), PAD_ID, np.int32)  # [n, max_len]
+    out = np.full((len(pieces), max_len), self._pad_id, np.int32)  # [n, max_len]
     for row, ids in zip(out, pieces):
       ids = ids[:max_len]
       row[:len(ids)] = ids
@@ -131,11 +138,12 @@ def train_tokenizer(sentences: Sequence[str], model_path: str, vocab_size: int,
 
 
 def get_tokenizer(path: str | None, workdir: str, sentences_fn: Callable[[], list[str]],
-                  vocab_size: int) -> Tokenizer:
+                  vocab_size: int, pad_id: int = PAD_ID) -> Tokenizer:
   """The tokenizer at `path`, else workdir/tokenizer.model, trained there from `sentences_fn()` if absent.
 
   `path` is a SentencePiece `.model` (SigLIP), or CLIP's BPE files: a directory with vocab.json + merges.txt,
-  either file's path, or open_clip's bpe_simple_vocab_16e6.txt.gz (`jmm.data.clip_bpe`).
+  either file's path, or open_clip's bpe_simple_vocab_16e6.txt.gz (`jmm.data.clip_bpe`). pad_id: see
+  `Tokenizer` (1 for released SigLIP weights; SentencePiece only).
 
   Caching it in the workdir keeps the vocabulary fixed across restarts of a run (a retrained model could
   differ from the one the checkpoint's embeddings were learnt with); `sentences_fn` is only called to train.
@@ -144,7 +152,7 @@ def get_tokenizer(path: str | None, workdir: str, sentences_fn: Callable[[], lis
     if os.path.isdir(path) or path.endswith(('.json', '.txt', '.txt.gz')):  # CLIP's BPE files (vocab + merges).
       from jmm.data import clip_bpe  # pylint: disable=g-import-not-at-top
       return clip_bpe.ClipTokenizer(path)
-    return Tokenizer(path)  # FileNotFoundError naming the path if it is missing.
+    return Tokenizer(path, pad_id)  # FileNotFoundError naming the path if it is missing.
   cached = os.path.join(workdir, MODEL_FILENAME)
   if os.path.isfile(cached):
     return Tokenizer(cached)
