@@ -313,8 +313,3 @@ def sharded_fraction(shardings) -> float:
   leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
   split = [s for s in leaves if any(a is not None for a in s.spec)]
   return len(split) / max(len(leaves), 1)
-
-
-def zeros_like_global(abstract, sharding):
-  """A zero-filled global array of `abstract`'s shape/dtype placed with `sharding` (no host copy)."""
-  return jax.jit(lambda: jnp.zeros(abstract.shape, abstract.dtype), out_shardings=sharding)()

@@ -115,13 +115,16 @@ def test_params_and_optimizer_state_are_sharded():
 def test_same_loss_curve_on_every_mesh():
   batches = _batches(4)
   curves = {}
-  for spec in MESHES:
-    mesh, state, _, step = _setup(_config(spec))
-    _, curves[spec] = _train(mesh, state, step, batches)
-  reference = curves[MESHES[0]]
+  runs = [(spec, 'dense') for spec in MESHES] + [(MESHES[2], 'ring'), (MESHES[1], 'bidir')]
+  for spec, impl in runs:
+    config = _config(spec)
+    config.loss.impl = impl
+    mesh, state, _, step = _setup(config)
+    _, curves[spec, impl] = _train(mesh, state, step, batches)
+  reference = curves[runs[0]]
   assert reference[-1] < reference[0]  # It trains.
-  for spec in MESHES[1:]:
-    np.testing.assert_allclose(curves[spec], reference, rtol=2e-5, err_msg=spec)
+  for run in runs[1:]:
+    np.testing.assert_allclose(curves[run], reference, rtol=2e-5, err_msg=str(run))
 
 
 def test_checkpoint_from_one_mesh_restores_on_another(tmp_path):
