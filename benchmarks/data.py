@@ -50,6 +50,7 @@ def make_jpeg(i: int) -> bytes:
 
 
 def make_caption(i: int) -> str:
+  """A 6-15 word caption drawn from a small vocabulary (tokenising cost of a short alt-text)."""
   rng = np.random.default_rng(10_000 + i)
   return ' '.join(rng.choice(_WORDS, int(rng.integers(6, 16))))
 
