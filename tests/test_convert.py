@@ -11,6 +11,7 @@ import os
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +65,7 @@ def _jmm_outputs(spec, flat, images, ids):
   model = convert.model_from_spec(spec)
   params = convert.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
   with jax.default_matmul_precision('highest'):
-    zimg, ztxt, extras = model.apply({'params': params}, jnp.asarray(images), jnp.asarray(ids))
+    zimg, ztxt, extras = jax.jit(model.apply)({'params': params}, jnp.asarray(images), jnp.asarray(ids))
   logits = np.asarray(ztxt @ zimg.T * extras['t'] + extras['b'])  # [texts, images], as HF's logits_per_text.
   return np.asarray(zimg), np.asarray(ztxt), logits
 
@@ -291,6 +292,15 @@ def test_big_vision_parity_roundtrip_and_scan(hf_siglip, tmp_path):
   assert sorted(flat2) == sorted(flat) and all(np.array_equal(flat2[k], flat[k]) for k in flat)
 
 
+def _param_shapes(model, text_len, resolution=IMAGE):
+  """The model's parameter tree as ShapeDtypeStructs (nothing computed: all load_init_params needs)."""
+  def init():
+    variables = model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)),
+                           jnp.zeros((1, text_len), jnp.int32))
+    return nn.unbox(variables['params'])
+  return jax.eval_shape(init)
+
+
 def _load_config(name, arg):
   import importlib.util  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,16 +322,14 @@ def test_cli_import_then_pretrained_config_and_init(hf_siglip, tmp_path, capsys)
   config = _load_config('pretrained', f'weights={out}')
   assert config.init_from == out and config.loss.name == 'sigmoid' and config.data.resolution == IMAGE
   model = train.make_model(config, vocab_size=VOCAB)
-  params, _ = train.init_params(model, config, 0)
-  loaded = convert.load_init_params(config.init_from, params)
+  loaded = convert.load_init_params(config.init_from, _param_shapes(model, config.data.text_len))
   images, ids = _inputs(4)
   with jax.default_matmul_precision('highest'):
-    zimg, ztxt, _ = model.apply({'params': loaded}, jnp.asarray(images), jnp.asarray(ids))
+    zimg, ztxt, _ = jax.jit(model.apply)({'params': loaded}, jnp.asarray(images), jnp.asarray(ids))
   want = _hf_outputs(hf_siglip, images, ids)
   assert _rel_err(zimg, want[0]) < RTOL and _rel_err(ztxt, want[1]) < RTOL
   # A config that does not match the weights is refused, naming the parameter.
-  config.data.text_len = TEXT_LEN + 4
-  params, _ = train.init_params(train.make_model(config, vocab_size=VOCAB), config, 0)
+  params = _param_shapes(train.make_model(config, vocab_size=VOCAB), TEXT_LEN + 4)
   with pytest.raises(ValueError, match=r"'txt/pos_embedding' has shape \(12, 48\) there.*\(16, 48\)"):
     convert.load_init_params(out, params)
   # Export back through the CLI: the HF directory reproduces the original model's outputs.
@@ -340,8 +348,8 @@ def test_load_init_params_from_workdir(tmp_path):
                          text=dict(width=32, depth=1, mlp_dim=64, num_heads=2, pool_type='last'), out_dim=16,
                          temperature_init=1.0, bias_init=-1.0))
   model = convert.model_from_spec(spec)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
-  params = jax.tree.map(np.asarray, __import__('flax').linen.unbox(variables['params']))
+  init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))))
+  params = jax.tree.map(np.asarray, init(jax.random.key(0))['params'])
   state = {'params': params, 'opt_state': {'mu': jax.tree.map(np.ones_like, params)}, 'step': np.int32(7)}
   ck = ckpt_lib.Checkpointer(str(tmp_path), use_async=False, every=1)
   ck.save(7, state, {'position': 3}, force=True)
@@ -352,15 +360,13 @@ def test_load_init_params_from_workdir(tmp_path):
   assert sorted(flat_loaded) == sorted(flat_want)
   assert all(np.array_equal(flat_loaded[k], flat_want[k]) for k in flat_want)
   wrong = dict(spec, model=dict(spec['model'], out_dim=8))
-  wrong_params = __import__('flax').linen.unbox(convert.model_from_spec(wrong).init(
-      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))['params'])
+  wrong_params = _param_shapes(convert.model_from_spec(wrong), 8, 16)
   with pytest.raises(ValueError, match="'img/head/bias' has shape"):
     convert.load_init_params(str(tmp_path), wrong_params)
   # A converted .npz saved per block loads into a scanned (nn.scan) model of the same sizes.
   common.save_params(str(tmp_path / 'p.npz'), flat_want, spec)
   scan = dict(spec, model=dict(spec['model'], image=dict(spec['model']['image'], scan=True)))
-  scan_params = __import__('flax').linen.unbox(convert.model_from_spec(scan).init(
-      jax.random.key(1), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))['params'])
+  scan_params = _param_shapes(convert.model_from_spec(scan), 8, 16)
   stacked = convert.flatten(convert.load_init_params(str(tmp_path / 'p.npz'), scan_params))
   key = 'img/encoder/encoderblock/attn/query/kernel'
   assert np.array_equal(stacked[key][0], flat_want['img/encoder/encoderblock_0/attn/query/kernel'])
