@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jmm.kernels import attention as attention_lib
@@ -194,10 +195,34 @@ class _ScanBlock(Encoder1DBlock):
     return super().__call__(x, mask, segment_ids), None
 
 
+# Activation checkpointing policies by name (jax.checkpoint_policies): what the backward pass may reuse from
+# the forward instead of recomputing. 'full' keeps nothing (least memory, one extra forward); 'dots' keeps every
+# matmul output (recomputes only elementwise ops: norms, GELU, softmax); 'dots_no_batch' keeps the projection and
+# MLP matmuls but recomputes the attention matmuls (those have batch dimensions), whose [B, H, T, T] outputs
+# are the largest activations at long sequence lengths.
+REMAT_POLICIES = {
+    'none': None,
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: bool, name: str):
+  """(whether to remat, the jax.checkpoint policy) for the `remat` bool and a REMAT_POLICIES name.
+
+  'none' leaves the choice to the bool (True: 'full', today's behaviour); any other name turns remat on.
+  """
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat_policy {name!r}; known: {", ".join(REMAT_POLICIES)}')
+  return remat or name != 'none', REMAT_POLICIES[name]
+
+
 class Encoder(nn.Module):
   """`depth` pre-LN blocks and a final LayerNorm.
 
   remat: recompute each block's activations in the backward pass (memory for ~1/3 more compute).
+  remat_policy: what remat may keep (a key of REMAT_POLICIES); 'none' = `remat` decides ('full' if set).
   scan: one `nn.scan` over stacked layer params (leading 'layers' axis): compile time independent of depth.
   The param trees differ: `encoderblock_{i}/...` without scan, `encoderblock/...` with a leading depth axis.
   """
@@ -211,18 +236,20 @@ class Encoder(nn.Module):
   scan: bool = False
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, x, mask=None, *, causal: bool = False, segment_ids=None):  # x: [batch, tokens, width]
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
               attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps)
+    remat, policy = remat_policy(self.remat, self.remat_policy)
     if self.scan:
-      block = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
+      block = nn.remat(_ScanBlock, prevent_cse=False, policy=policy) if remat else _ScanBlock
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
                      length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
                          name='encoderblock', causal=causal, **kw)(x, mask, segment_ids)
     else:
-      block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+      block = nn.remat(Encoder1DBlock, policy=policy) if remat else Encoder1DBlock
       for i in range(self.depth):
         x = block(name=f'encoderblock_{i}', causal=causal, **kw)(x, mask, segment_ids)
     return layer_norm(self.dtype, self.param_dtype, name='encoder_norm', epsilon=self.norm_eps)(x)

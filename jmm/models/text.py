@@ -34,6 +34,7 @@ class TextTransformer(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
   remat: bool = False
+  remat_policy: str = 'none'  # layers.REMAT_POLICIES: 'full', 'dots', 'dots_no_batch'.
   scan: bool = False
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
@@ -56,8 +57,8 @@ class TextTransformer(nn.Module):
     x = x + posemb.astype(self.dtype)[None]
     # causal: passed as such (not as a dense [L, L] mask) so flash kernels can skip the masked blocks.
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
-                       remat=self.remat, scan=self.scan, activation=self.activation, norm_eps=self.norm_eps,
-                       name='encoder', **kw)(x, causal=self.causal)
+                       remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
+                       norm_eps=self.norm_eps, name='encoder', **kw)(x, causal=self.causal)
     pool_type, tokens = self.pool_type, x
     if pool_type in ('eos', 'argmax'):  # Gather the one pooled position, then pool it as 'first'.
       if pool_type == 'eos':

@@ -94,6 +94,7 @@ class ViT(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
   remat: bool = False
+  remat_policy: str = 'none'  # layers.REMAT_POLICIES: 'full', 'dots', 'dots_no_batch'.
   scan: bool = False
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
@@ -128,8 +129,8 @@ class ViT(nn.Module):
     if self.ln_pre:
       x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
-                       remat=self.remat, scan=self.scan, activation=self.activation, norm_eps=self.norm_eps,
-                       name='encoder', **kw)(x)
+                       remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
+                       norm_eps=self.norm_eps, name='encoder', **kw)(x)
     emb, pooled = layers.pool_and_project(
         x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
         attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps,
