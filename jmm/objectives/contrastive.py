@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jmm.config import ConfigError
+
 
 def pairwise_logits(zimg, ztxt, t, b=0.0):
   """Returns `t * zimg @ ztxt.T + b`  # [batch_img, batch_txt], computed in float32."""
@@ -54,10 +56,11 @@ def softmax_loss(zimg, ztxt, t):
 #   ring   (SigLIP, Zhai et al. 2023, sec. 3.3): each device scores its image block against the text block it
 #          holds, then passes the text block to its neighbour with `ppermute`; n steps for n devices.
 #   bidir  the same ring with text blocks travelling both ways: ceil((n-1)/2) exchange steps instead of n-1.
-#   gather (open_clip's `local_loss` with `gather_with_grad`): all-gather the embeddings, score the local rows
-#          against all columns; gradients flow back through the gather (its transpose is a reduce-scatter).
+#   gather (open_clip's `local_loss` with `gather_with_grad`): all-gather the text embeddings, score the local
+#          rows against all columns; gradients flow back through the gather (its transpose is a reduce-scatter).
 # Memory per device: ring/bidir O(b^2 + b*dim) for the per-device batch b whatever the device count; gather
-# O(b*B); dense O(B^2) when the logits are not sharded. benchmarks/loss_memory.py measures it.
+# O(b*B + B*dim); dense as partitioned by XLA, O(b*B + B*dim) (rows of the logits), O(B^2) unsharded.
+# benchmarks/loss_memory.py measures it.
 
 BATCH_AXES = ('data', 'fsdp', 'expert')  # Mesh axes that split the batch, in mesh order; 'tensor' replicates it.
 IMPLS = {'sigmoid': ('dense', 'ring', 'bidir', 'gather'), 'softmax': ('dense', 'gather')}
@@ -72,11 +75,11 @@ def batch_axes(mesh=None) -> tuple[str, ...]:
 
 
 def check_impl(name: str, impl: str) -> None:
-  """Raises ValueError naming `config.loss.impl` when `impl` cannot compute loss `name`."""
+  """Raises ConfigError (a ValueError) naming `config.loss.impl` when `impl` cannot compute loss `name`."""
   if name not in IMPLS:
-    raise ValueError(f'config.loss.name={name!r} is not one of {sorted(IMPLS)}')
+    raise ConfigError(f'config.loss.name={name!r} is not one of {sorted(IMPLS)}')
   if impl not in IMPLS[name]:
-    raise ValueError(f'config.loss.impl={impl!r} is not available for config.loss.name={name!r}; '
+    raise ConfigError(f'config.loss.impl={impl!r} is not available for config.loss.name={name!r}; '
                      f'choose one of {list(IMPLS[name])}')
 
 
@@ -102,7 +105,10 @@ def _block_grads(zimg, ztxt, t, b, g, own):
 
 
 def _ring_schedule(n, bidir):
-  """(steps where blocks arrive from both sides, whether one last step fetches only the opposite block)."""
+  """(full exchange steps, whether one last step fetches only the opposite block).
+
+  One-way ring: n - 1 steps of one block each. Both ways: each step brings one block from each side.
+  """
   if not bidir:
     return n - 1, False
   return (n - 1) // 2, n % 2 == 0
