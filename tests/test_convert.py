@@ -370,3 +370,32 @@ def test_load_init_params_from_workdir(tmp_path):
   stacked = convert.flatten(convert.load_init_params(str(tmp_path / 'p.npz'), scan_params))
   key = 'img/encoder/encoderblock/attn/query/kernel'
   assert np.array_equal(stacked[key][0], flat_want['img/encoder/encoderblock_0/attn/query/kernel'])
+
+
+def test_export_jmm_workdir_to_hf(tmp_path):
+  """A model trained in jmm (SigLIP-shaped, no image head) exports from its workdir to an HF SiglipModel that gives
+  jmm's embeddings and logits; a model HF cannot represent is refused, naming the field."""
+  from jmm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from jmm.convert import export_weights  # pylint: disable=g-import-not-at-top
+  model_config = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=[8, 8], pool_type='map',
+                                 out_dim=0), text=dict(width=32, depth=2, mlp_dim=64, num_heads=2, pool_type='last'),
+                      out_dim=32, temperature_init=math.log(10.0), bias_init=-10.0)
+  spec = dict(format='jmm', loss='sigmoid', resolution=IMAGE, text_len=TEXT_LEN, vocab_size=VOCAB, model=model_config)
+  model = convert.model_from_spec(spec)
+  init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, IMAGE, IMAGE, 3)),
+                                                 jnp.zeros((1, TEXT_LEN), jnp.int32))))
+  params = jax.tree.map(np.asarray, init(jax.random.key(3))['params'])
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'wd'), use_async=False, every=1)
+  ck.save(5, {'params': params, 'step': np.int32(5)}, None, force=True)
+  ck.close()
+  config = {'model': model_config, 'data': {'resolution': IMAGE, 'text_len': TEXT_LEN}, 'loss': {'name': 'sigmoid'}}
+  (tmp_path / 'wd' / 'config.json').write_text(json.dumps(config))
+  assert export_weights.main([f'--src={tmp_path / "wd"}', f'--out={tmp_path / "hf"}']) == 0
+  exported = transformers.SiglipModel.from_pretrained(str(tmp_path / 'hf')).eval()
+  images, ids = _inputs(5)
+  got = _jmm_outputs(spec, convert.flatten(params), images, ids)
+  for ours, theirs in zip(got, _hf_outputs(exported, images, ids)):
+    assert _rel_err(ours, theirs) < RTOL
+  with_head = dict(spec, model=dict(model_config, image=dict(model_config['image'], out_dim=16)))
+  with pytest.raises(ValueError, match=r'model\.image\.out_dim=16'):
+    hf.to_hf(convert.flatten(params), with_head)
