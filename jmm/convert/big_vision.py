@@ -8,12 +8,14 @@ text_transformer.py and two_towers.py; the names agree with transformers' conver
   img/pos_embedding [1, N, W]                    -> img/pos_embedding [N, W]
   img/cls [1, 1, W] ('tok' pooling)              -> img/cls [W]
   img/Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
-    LayerNorm_1, MlpBlock_0/Dense_{0,1}          -> img/encoder/encoderblock_{i}/ln_attn, attn/..., ln_mlp, mlp/fc_{in,out}
+    LayerNorm_1, MlpBlock_0/Dense_{0,1}          -> img/encoder/encoderblock_{i}/ln_attn, attn/..., ln_mlp,
+                                                    mlp/fc_{in,out}
   img/Transformer/encoder_norm                   -> img/encoder/encoder_norm
   img/MAPHead_0/{probe [1, 1, W], MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
                                                  -> img/MAPHead/{probe [1, W], attn, ln, mlp}
   img/head, txt/head                             -> the same
-  txt/Embed_0/embedding, txt/pos_embedding, txt/Encoder_0/...  -> txt/token_embedding, txt/pos_embedding, txt/encoder/...
+  txt/Embed_0/embedding, txt/pos_embedding      -> txt/token_embedding, txt/pos_embedding
+  txt/Encoder_0/...                              -> txt/encoder/...
   t [1], b [1]                                   -> t [], b []
 
 Scanned checkpoints ('encoderblock/...' with a leading depth axis) are split per block. Everything is

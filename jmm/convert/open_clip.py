@@ -92,7 +92,8 @@ def mapping(spec: dict, tensors=None) -> tuple[list[Entry], dict]:
          Entry('img/pos_embedding', 'visual.positional_embedding'), Entry('img/head/kernel', 'visual.proj'),
          Entry('txt/token_embedding', 'token_embedding.weight'), Entry('txt/pos_embedding', 'positional_embedding'),
          Entry('t', 'logit_scale', 'scalar')]
-  out += common.ln_entries('img/ln_pre', 'visual.ln_pre') + common.ln_entries('img/encoder/encoder_norm', 'visual.ln_post')
+  out += common.ln_entries('img/ln_pre', 'visual.ln_pre')
+  out += common.ln_entries('img/encoder/encoder_norm', 'visual.ln_post')
   out += common.ln_entries('txt/encoder/encoder_norm', 'ln_final')
   for i in range(image['depth']):
     out += common.block_entries(f'img/encoder/encoderblock_{i}', f'visual.transformer.resblocks.{i}', 'open_clip',
