@@ -163,3 +163,19 @@ def test_training_loss_same_with_pallas_and_xla():
   np.testing.assert_allclose(pallas_losses, xla_losses, rtol=1e-2)  # bf16 tolerance, as the issue asks...
   for a, b in zip(jax.tree.leaves(pallas_params), jax.tree.leaves(xla_params)):  # ...and in fact far closer.
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kernel,platform', [('gpu', 'cuda'), ('tpu', 'tpu')])
+def test_kernels_lower_for_their_hardware(kernel, platform):
+  """Cross-platform lowering (no GPU / TPU needed): the compiled, not interpreted, kernels pass Pallas' Triton and
+  Mosaic lowering rules (block shapes, ops, index maps) at a ViT-like ragged bf16 shape, causal, with segments."""
+  q = jax.ShapeDtypeStruct((2, 197, 4, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 197), jnp.int32)
+
+  def fwd_bwd(q, k, v, seg):
+    fn = lambda q, k, v: KERNELS[kernel](q, k, v, causal=True, segment_ids=seg, interpret=False)
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(fwd_bwd).trace(q, q, q, seg).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count('jmm_flash_attention') >= 3  # The forward, dk/dv and dq kernels are all in the program.

@@ -173,8 +173,9 @@ def _index_maps(causal: bool, block_q: int, block_k: int, num_q_blocks: int):
   """
   if not causal:
     return (lambda i, j: i), (lambda i, j: j)
-  last_k = lambda i, j: jnp.minimum(j, ((i + 1) * block_q - 1) // block_k)
-  first_q = lambda i, j: jnp.minimum(jnp.maximum(i, (j * block_k) // block_q), num_q_blocks - 1)
+  # lax.div (truncating; the operands are >= 0) rather than //, whose sign fix-ups index maps need not carry.
+  last_k = lambda i, j: jnp.minimum(j, lax.div((i + 1) * block_q - 1, block_k))
+  first_q = lambda i, j: jnp.minimum(jnp.maximum(i, lax.div(j * block_k, block_q)), num_q_blocks - 1)
   return first_q, last_k
 
 
