@@ -45,7 +45,7 @@ def test_reference_matches_naive(q_shape, tk, use_mask):
                              atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ['xla'])  # 'cudnn' has its own GPU-only test below; Pallas kernels go here.
+@pytest.mark.parametrize('impl', ['xla'])  # cudnn: GPU-only test below; Pallas kernels: test_flash_attention.py.
 @pytest.mark.parametrize('q_shape,tk', CASES)
 @pytest.mark.parametrize('use_mask', [False, True])
 def test_dispatch_forward_and_grads(impl, q_shape, tk, use_mask):

@@ -95,6 +95,7 @@ def _cudnn_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=No
 
 
 def _no_dense_mask(name: str, mask):
+  """Raises a ValueError naming `name` if a dense mask was given: the flash kernels mask blockwise only."""
   if mask is not None:
     raise ValueError(f'attention impl {name!r} does not take a dense mask (got shape {jnp.shape(mask)}); express '
                      "it as causal=True / segment_ids, or use attention_impl 'xla' (or 'auto', which falls back)")
