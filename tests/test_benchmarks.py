@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmark scripts: they run on tiny sizes and write valid, complete JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import plot_results  # noqa: E402
+
+
+def _run(args, tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}  # One CPU device, not the suite's eight.
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_train_step_writes_json(tmp_path):
+  out, results = tmp_path / 'run.json', tmp_path / 'results.jsonl'
+  stdout = _run(['benchmarks/train_step.py', '--config=configs/siglip.py:res=16,batch=4', '--steps=2',
+                 '--warmup=1', '--text_len=8', f'--out={out}', f'--results={results}', '--label=smoke'], tmp_path)
+  record = json.loads(out.read_text())
+  assert record['label'] == 'smoke' and record['step']['n'] == 2
+  assert record['step']['median_s'] > 0 and record['images_per_s'] > 0
+  assert record['config']['batch_size'] == 4 and record['config']['text_len'] == 8
+  # The analytic count agrees with XLA's cost analysis of the compiled step within 10% (plus elementwise).
+  assert 0.9 < record['flops']['xla_over_analytic'] < 1.25
+  assert 0 < record['mfu'] and record['peak_source'].startswith('measured')
+  assert record['memory']['peak_bytes'] > 0
+  assert [json.loads(line) for line in results.read_text().splitlines()] == [record]
+  assert 'images/s' in stdout and 'MFU' in stdout
+  # Appending again keeps the first line; the plot script reads both and skips a corrupt line.
+  with open(results, 'a') as f:
+    f.write('{not json\n')
+  records, bad = plot_results.read_results(str(results))
+  assert len(records) == 1 and bad == 1
+  labels, medians, _, title = plot_results.bars(records)
+  assert labels[0].startswith('smoke') and medians == [record['step']['median_s']] and 'jmm' in title
+  if importlib.util.find_spec('matplotlib'):
+    png = plot_results.plot(records, str(tmp_path / 'chart.png'))
+    assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_rejects_results_without_runs(tmp_path):
+  path = tmp_path / 'empty.jsonl'
+  path.write_text('[1, 2]\n')
+  records, bad = plot_results.read_results(str(path))
+  assert records == [] and bad == 1
+  with pytest.raises(ValueError, match='no plottable records'):
+    plot_results.plot(records, str(tmp_path / 'x.png'))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
+def test_vs_peers_tiny(tmp_path):
+  out = tmp_path / 'peers.json'
+  peers = 'hf' if importlib.util.find_spec('transformers') else ''
+  _run(['benchmarks/vs_peers.py', '--size=tiny', '--rounds=2', '--steps=1', f'--peers={peers}', f'--out={out}',
+        '--results='], tmp_path)
+  record = json.loads(out.read_text())
+  assert record['sides']['jmm']['n'] == 2
+  if peers:
+    assert record['sides']['hf']['n'] == 2
+    # Same sizes on both sides: parameter counts agree to within the heads' biases and the MAP probe.
+    assert abs(record['sides']['hf']['params'] - record['sides']['jmm']['params']) < 0.02 * record['sides'][
+        'jmm']['params']
+    ratio = record['throughput_ratio']['jmm/hf']
+    assert ratio == pytest.approx(record['sides']['hf']['median_s'] / record['sides']['jmm']['median_s'])
