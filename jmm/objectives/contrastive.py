@@ -119,34 +119,65 @@ def _shift(x, axes, n, k):
   return jax.lax.ppermute(x, axes, perm=[(j, (j + k) % n) for j in range(n)])
 
 
+def _travel(ztxt, axes, n, bidir, visit, acc, zeros=None):
+  """Brings every other device's text block here once, in ring order, calling `visit(acc, txt, dtxt)` on each.
+
+  Each step sends the blocks on while they are being scored (the exchange does not wait for the matmuls, so
+  XLA may overlap the two), at the price of one more text block in flight. With `zeros` (like ztxt), each block
+  travels with a gradient accumulator that `visit` adds to, and the accumulators are sent home at the end:
+  returns (acc, their sum at home); without, (acc, None).
+  """
+  steps, opposite = _ring_schedule(n, bidir)
+  lanes = [(1, steps + opposite), (-1, steps)] if bidir else [(1, steps)]  # (direction, blocks it brings)
+  lanes = [(d, c) for d, c in lanes if c]  # Two devices both ways: one lane, one block.
+  common = min(c for _, c in lanes)
+  grads_on = zeros is not None
+
+  def send(xs):
+    return [_shift(x, axes, n, d) for x, (d, _) in zip(xs, lanes)]
+
+  def visit_lanes(acc, blocks, grads):
+    grads = list(grads)
+    for i, txt in enumerate(blocks):
+      acc, dtxt = visit(acc, txt, grads[i] if grads_on else None)
+      if grads_on:
+        grads[i] = dtxt
+    return acc, grads
+
+  def body(_, carry):
+    blocks, grads, acc = carry
+    ahead = send(blocks)  # In flight while this step's blocks are scored.
+    acc, grads = visit_lanes(acc, blocks, grads)
+    return ahead, send(grads), acc
+
+  blocks, grads = send([ztxt] * len(lanes)), [zeros] * len(lanes) if grads_on else []
+  blocks, grads, acc = jax.lax.fori_loop(0, common - 1, body, (blocks, grads, acc))
+  # The last common step. Even n both ways: lane 0 also fetches the opposite block k + n/2 meanwhile, so that
+  # it is taken from one side only.
+  extra = [i for i, (_, c) in enumerate(lanes) if c > common]
+  ahead = [_shift(blocks[i], axes, n, lanes[i][0]) for i in extra]
+  acc, grads = visit_lanes(acc, blocks, grads)
+  for i, txt in zip(extra, ahead):
+    acc, dtxt = visit(acc, txt, _shift(grads[i], axes, n, lanes[i][0]) if grads_on else None)
+    if grads_on:
+      grads[i] = dtxt
+  if not grads_on:
+    return acc, None
+  return acc, sum(_shift(g, axes, n, -d * c) for g, (d, c) in zip(grads, lanes))  # c hops out, home in one.
+
+
 def _ring_forward(zimg, ztxt, t, b, axes, n, bidir):
   """Per-device ring: local sigmoid-loss sum and similarity statistics over every text block of the batch."""
   loss, sims = _block_terms(zimg, ztxt, t, b, own=True)
   diag = jnp.diagonal(sims)  # [b] own positives.
   rival = jnp.max(jnp.where(jnp.eye(*sims.shape, dtype=bool), -jnp.inf, sims), axis=1)  # [b] best negative.
 
-  def visit(acc, txt):
+  def visit(acc, txt, _):
     loss, total, rival = acc
     block_loss, block_sims = _block_terms(zimg, txt, t, b, own=False)
-    return loss + block_loss, total + jnp.sum(block_sims), jnp.maximum(rival, jnp.max(block_sims, axis=1))
+    return (loss + block_loss, total + jnp.sum(block_sims), jnp.maximum(rival, jnp.max(block_sims, axis=1))), None
 
-  acc = (loss, jnp.sum(sims), rival)
-  steps, opposite = _ring_schedule(n, bidir)
-  if bidir:
-    def body(_, carry):
-      left, right, acc = carry
-      left, right = _shift(left, axes, n, 1), _shift(right, axes, n, -1)
-      return left, right, visit(visit(acc, left), right)
-    left, _, acc = jax.lax.fori_loop(0, steps, body, (ztxt, ztxt, acc))
-    if opposite:  # Even n: block k + n/2 would arrive from both sides at once; take it from one side only.
-      acc = visit(acc, _shift(left, axes, n, 1))
-  else:
-    def body(_, carry):
-      txt, acc = carry
-      txt = _shift(txt, axes, n, 1)
-      return txt, visit(acc, txt)
-    _, acc = jax.lax.fori_loop(0, steps, body, (ztxt, acc))
-  loss, total, rival = acc
+  (loss, total, rival), _ = _travel(ztxt, axes, n, bidir, visit, (loss, jnp.sum(sims), rival))
   stats = {'pos': jnp.sum(diag), 'all': total, 'hits': jnp.sum((diag >= rival).astype(jnp.float32))}
   return loss, stats
 
@@ -168,44 +199,15 @@ def _ring_bwd(axes, n, bidir, residuals, cotangents):
   """
   zimg, ztxt, t, b = residuals
   g = cotangents[0]  # Statistics are metrics: their cotangents are ignored.
-  dzimg, dtxt_home, dt, db = _block_grads(zimg, ztxt, t, b, g, own=True)
+  dzimg, dtxt, dt, db = _block_grads(zimg, ztxt, t, b, g, own=True)
 
   def visit(acc, txt, dtxt):
     dzimg, dt, db = acc
     gi, gt, gtemp, gbias = _block_grads(zimg, txt, t, b, g, own=False)
     return (dzimg + gi, dt + gtemp, db + gbias), dtxt + gt
 
-  acc = (dzimg, dt, db)
-  zeros = jnp.zeros_like(ztxt)
-  steps, opposite = _ring_schedule(n, bidir)
-  if bidir:
-    def body(_, carry):
-      left, dleft, right, dright, acc = carry
-      left, dleft = _shift((left, dleft), axes, n, 1)
-      right, dright = _shift((right, dright), axes, n, -1)
-      acc, dleft = visit(acc, left, dleft)
-      acc, dright = visit(acc, right, dright)
-      return left, dleft, right, dright, acc
-    left, dleft, _, dright, acc = jax.lax.fori_loop(0, steps, body, (ztxt, zeros, ztxt, zeros, acc))
-    shifted = steps
-    if opposite:
-      left, dleft = _shift((left, dleft), axes, n, 1)
-      acc, dleft = visit(acc, left, dleft)
-      shifted += 1
-    if steps:
-      dtxt_home += _shift(dright, axes, n, steps)
-  else:
-    def body(_, carry):
-      txt, dtxt, acc = carry
-      txt, dtxt = _shift((txt, dtxt), axes, n, 1)
-      acc, dtxt = visit(acc, txt, dtxt)
-      return txt, dtxt, acc
-    _, dleft, acc = jax.lax.fori_loop(0, steps, body, (ztxt, zeros, acc))
-    shifted = steps
-  if shifted:
-    dtxt_home += _shift(dleft, axes, n, -shifted)
-  dzimg, dt, db = acc
-  return dzimg, dtxt_home, jnp.reshape(dt, jnp.shape(t)), jnp.reshape(db, jnp.shape(b))
+  (dzimg, dt, db), came_home = _travel(ztxt, axes, n, bidir, visit, (dzimg, dt, db), zeros=jnp.zeros_like(ztxt))
+  return dzimg, dtxt + came_home, jnp.reshape(dt, jnp.shape(t)), jnp.reshape(db, jnp.shape(b))
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
