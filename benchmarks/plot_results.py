@@ -59,12 +59,15 @@ def bars(records: list[dict]) -> tuple[list[str], list[float], list[float], str]
 
 def plot(records: list[dict], out: str) -> str:
   """Writes a horizontal bar chart of median step time (error bar: min..max spread) to `out`; returns it."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   labels, medians, spreads, title = bars(records)
   if not labels:
     raise ValueError('no plottable records (expected lines written by train_step.py or vs_peers.py)')
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('plotting needs matplotlib: pip install matplotlib') from e
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.5))
   ax.barh(range(len(labels)), medians, xerr=[m * s / 2 for m, s in zip(medians, spreads)], color='tab:blue')
   ax.set_yticks(range(len(labels)), labels, fontsize=8)

@@ -31,6 +31,7 @@ _VOCAB = flags.DEFINE_integer('vocab_size', None, 'Text vocabulary (default: con
 _TEXT_LEN = flags.DEFINE_integer('text_len', None, 'Text tokens per example (default: config.data.text_len).')
 _REMAT = flags.DEFINE_string('remat_policy', None, 'Both towers\' remat_policy (none, full, dots, dots_no_batch).')
 _SCAN = flags.DEFINE_bool('scan', None, 'Both towers: nn.scan over layers.')
+_PEAK_N = flags.DEFINE_integer('peak_matmul_size', 2048, 'CPU only: n of the n x n matmul that measures the peak.')
 _LABEL = flags.DEFINE_string('label', '', 'A name for this run in the results file and chart.')
 _OUT = flags.DEFINE_string('out', os.path.join(common.ROOT, 'benchmarks', 'results', 'train_step_latest.json'),
                            'JSON file for this run.')
@@ -52,7 +53,8 @@ def apply_overrides(config, batch=None, text_len=None, remat_policy=None, scan=N
   return config
 
 
-def benchmark(config, *, steps: int, warmup: int, vocab_size: int, label: str = '') -> dict:
+def benchmark(config, *, steps: int, warmup: int, vocab_size: int, label: str = '', peak_matmul_size: int = 2048
+              ) -> dict:
   """Compiles and times `config`'s training step; returns the result record (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jmm import flops as flops_lib  # pylint: disable=g-import-not-at-top
@@ -76,8 +78,8 @@ def benchmark(config, *, steps: int, warmup: int, vocab_size: int, label: str = 
   peak, peak_source = common.device_peak(device, dtype)
   if peak is None:  # CPU (or an unknown chip): the best matmul FLOP/s measured now, on the same machine.
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    peak = common.measure_matmul_peak(jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32)
-    peak_source = 'measured matmul 2048^3 (same run)'
+    peak = common.measure_matmul_peak(jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32, peak_matmul_size)
+    peak_source = f'measured matmul {peak_matmul_size}^3 (same run)'
   achieved = analytic['train_step'] / timing['median_s']
   m = config.model
   return {
@@ -119,7 +121,8 @@ def main(argv) -> None:
   del argv
   config = apply_overrides(_CONFIG.value, _BATCH.value, _TEXT_LEN.value, _REMAT.value, _SCAN.value)
   vocab = _VOCAB.value or config.tokenizer.vocab_size
-  record = benchmark(config, steps=_STEPS.value, warmup=_WARMUP.value, vocab_size=vocab, label=_LABEL.value)
+  record = benchmark(config, steps=_STEPS.value, warmup=_WARMUP.value, vocab_size=vocab, label=_LABEL.value,
+                     peak_matmul_size=_PEAK_N.value)
   print(format_record(record), flush=True)
   if _OUT.value:
     common.write_json(_OUT.value, record)

@@ -200,19 +200,21 @@ def compare(size_name: str, batch: int, rounds: int, steps: int, warmup: int, pe
       common.time_calls(run, 1 + warmup, 0)  # The first call compiles (jmm) or allocates (torch).
       info[name]['setup_s'] = time.perf_counter() - start
       sides[name] = run
+      print(f'{name}: built and warmed up in {info[name]["setup_s"]:.1f} s', file=sys.stderr, flush=True)
     except ImportError as e:  # A peer library missing is reported, not fatal.
       skipped[name] = f'{type(e).__name__}: {e}'
       info.pop(name, None)
   load_before = common.load_average()
   times = {name: [] for name in sides}
   cpu = {name: [] for name in sides}
-  for _ in range(rounds):
+  for turn in range(rounds):
     for name, run in sides.items():
       for _ in range(steps):
         c0, t0 = time.process_time(), time.perf_counter()
         run()
         times[name].append(time.perf_counter() - t0)
         cpu[name].append(time.process_time() - c0)
+      print(f'turn {turn + 1}/{rounds} {name}: {times[name][-1]:.3f} s', file=sys.stderr, flush=True)
   results = {}
   for name in sides:
     med = statistics.median(times[name])

@@ -25,7 +25,8 @@ def _run(args, tmp_path):
 def test_train_step_writes_json(tmp_path):
   out, results = tmp_path / 'run.json', tmp_path / 'results.jsonl'
   stdout = _run(['benchmarks/train_step.py', '--config=configs/siglip.py:res=16,batch=4', '--steps=2',
-                 '--warmup=1', '--text_len=8', f'--out={out}', f'--results={results}', '--label=smoke'], tmp_path)
+                 '--warmup=1', '--text_len=8', '--config.model.image.depth=1', '--config.model.text.depth=1',
+                 '--peak_matmul_size=256', f'--out={out}', f'--results={results}', '--label=smoke'], tmp_path)
   record = json.loads(out.read_text())
   assert record['label'] == 'smoke' and record['step']['n'] == 2
   assert record['step']['median_s'] > 0 and record['images_per_s'] > 0
