@@ -198,6 +198,49 @@ def dot_product_attention(q, k, v, mask=None, *, causal: bool = False, segment_i
     fn = _IMPLS[impl]
   except KeyError:
     raise ValueError(f'unknown attention impl {impl!r}; known: {", ".join(IMPLEMENTATIONS)}') from None
+  if impl.startswith('pallas'):
+    sharded = _per_shard(fn, q, causal, segment_ids)
+    if sharded is not None:
+      return sharded(q, k, v, segment_ids)
   if not causal and segment_ids is None:
     return fn(q, k, v, mask)  # Exactly the call of before causal / segment_ids existed.
   return fn(q, k, v, mask, causal=causal, segment_ids=segment_ids)
+
+
+# Mesh axes that split the batch and the heads (jmm.parallel's names; this module imports nothing from jmm
+# outside jmm.kernels). Attention is independent per example and per head, so a kernel runs per shard as is.
+BATCH_AXES = ('data', 'fsdp', 'expert')
+HEAD_AXIS = 'tensor'
+
+
+def _per_shard(fn, q, causal: bool, segment_ids):
+  """`fn` wrapped in a `jax.shard_map` over the current mesh's batch and head axes, or None (no such axes).
+
+  XLA does not partition a `pallas_call`: under a sharded jit it would gather q, k and v onto every device and
+  run the whole batch there. Per shard, each device runs the kernel on its own examples and heads. Axes that do
+  not divide the batch / heads (and axes already manual, inside another shard_map) are left out.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  free = [a for a in mesh.axis_names if a not in set(mesh.manual_axes) and sizes[a] > 1]
+  batch = tuple(a for a in BATCH_AXES if a in free)
+  if batch and q.shape[0] % int(np.prod([sizes[a] for a in batch])):
+    batch = ()
+  head = HEAD_AXIS if HEAD_AXIS in free and q.shape[2] % sizes[HEAD_AXIS] == 0 else None
+  if not batch and head is None:
+    return None
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  qkv = P(batch or None, None, head, None)
+  ids = P(batch or None, None)
+  ids_spec = None if segment_ids is None else (
+      (ids, ids) if isinstance(segment_ids, (tuple, list)) else ids)
+
+  def body(q, k, v, segment_ids):
+    if not causal and segment_ids is None:
+      return fn(q, k, v)
+    return fn(q, k, v, causal=causal, segment_ids=segment_ids)
+
+  return jax.shard_map(body, in_specs=(qkv, qkv, qkv, ids_spec), out_specs=qkv,
+                       axis_names=set(batch) | ({head} if head else set()), check_vma=False)
