@@ -51,6 +51,13 @@ def base_config(arg) -> ml_collections.ConfigDict:
       temperature_init=math.log(10.0),  # SigLIP paper: t' = log 10, b = -10.
       bias_init=-10.0,
   )
+  # Mixture of experts (jmm/models/moe.py, configs/clip_up.py): num_experts=0 is the dense model. Fields: k (top-k),
+  # layers ('every_other' = blocks 1, 3, ...; 'all'; 'last_n:N'; '1,3'), towers, capacity_factor (0 = dropless),
+  # gating ('softmax_topk' | 'topk_softmax'), renormalize, loss weights, groups (routing groups; 0 = one per batch
+  # shard), impl (grouped matmul), dispatch (expert parallelism: 'capacity' = padded all_to_all).
+  c.model.moe = dict(num_experts=0, k=2, layers='every_other', towers='image,text', capacity_factor=2.0,
+                     gating='softmax_topk', renormalize=True, aux_loss_weight=0.01, z_loss_weight=1e-3, groups=0,
+                     impl='auto', dispatch='capacity')
   # lr: 1e-3 beat 2e-3 and 3e-3 clearly (zero-shot 67% vs 35% and 18% at ~500 steps), and 5e-4 (61%).
   # wd (AdamW's, multiplied by the lr): 0.1 gave 81.7% zero-shot against 78.0% with 1e-4 on the default run.
   c.optim = dict(name='adamw', lr=1e-3, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100,

@@ -124,6 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       mixture.validate_data(config.data)
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(str(e)) from None
+  from jmm.models import moe  # Local import, as above.
+  moe.validate(config)  # config.model.moe: mixture-of-experts fields (absent or num_experts=0: dense).
   lookup('objectives', config.objective)
   for name, ev in config.get('evals', {}).items():
     lookup('evaluators', ev.get('type', name))

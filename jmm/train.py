@@ -28,6 +28,7 @@ from jmm import parallel
 from jmm.data import pipeline
 from jmm.data import synthetic
 from jmm.data import tokenizer as tokenizer_lib
+from jmm.models import moe as moe_lib
 from jmm.models import two_tower
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -108,7 +109,9 @@ def make_model(config, vocab_size: int) -> two_tower.TwoTower:
   impl = config.get('attention_impl', 'xla')
   image = {**m.image.to_dict(), 'attention_impl': impl}
   text = {**m.text.to_dict(), 'vocab_size': vocab_size, 'attention_impl': impl}
-  for tower in (image, text):
+  for tower, name in ((image, 'image'), (text, 'text')):
+    if moe_lib.tower_moe(config, name):  # Mixture-of-experts MLPs in some blocks (config.model.moe).
+      tower['moe'] = moe_lib.tower_moe(config, name)
     if 'patch_size' in tower and tower['patch_size'] is not None:
       tower['patch_size'] = tuple(tower['patch_size'])
     for k in [k for k, v in tower.items() if v is None or v == '']:
@@ -195,20 +198,28 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
 
 
 def make_train_step(model, tx, schedule, objective, loss_config, *, state_shardings=None, mesh=None,
-                    axis_rules=parallel.LOGICAL_RULES):
+                    axis_rules=parallel.LOGICAL_RULES, moe_config=None):
   """The jitted step: forward, objective, backward, optimizer update. `state` is donated.
 
   With `state_shardings` and `mesh` the step is compiled for them (batch split over the mesh's batch axes,
   metrics replicated) and the activations follow the logical-axis rules; without, it is a plain jit.
+  moe_config (`config.model.moe` with num_experts > 0): the MoE layers' weighted load-balance and z losses are
+  added to the objective's ('loss' is the sum; 'contrastive_loss' the objective's alone) and logged ('moe/...').
   """
+  use_moe = bool(moe_config and moe_config.get('num_experts'))
   def train_step(state, batch):
     with nn.logical_axis_rules(axis_rules):
       return _train_step(state, batch)
 
   def _train_step(state, batch):
     def loss_fn(params):
-      outputs = model.apply({'params': params}, batch['image'], batch['text'], train=True)
-      return objective.loss_fn(outputs, batch, loss_config)
+      if not use_moe:
+        outputs = model.apply({'params': params}, batch['image'], batch['text'], train=True)
+        return objective.loss_fn(outputs, batch, loss_config)
+      outputs, sown = model.apply({'params': params}, batch['image'], batch['text'], train=True, mutable=['moe'])
+      loss, metrics = objective.loss_fn(outputs, batch, loss_config)
+      extra, moe_metrics = moe_lib.aux_losses(sown['moe'], moe_config)
+      return loss + extra, {**metrics, **moe_metrics, 'loss': loss + extra, 'contrastive_loss': loss}
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -232,6 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps, batch_size = config.total_steps, config.batch_size
   mesh = parallel.make_mesh(config.get('mesh'))  # MeshError (before any compilation) if it does not fit.
   parallel.check_batch(batch_size, mesh)
+  moe_lib.check_mesh(config, mesh)
   axis_rules = parallel.rules(config, mesh)
   workdir = ensure_workdir(workdir)
   is_main = jax.process_index() == 0
@@ -255,7 +267,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get('init_from') and not start_step:  # A jmm workdir or converted weights (jmm.convert).
     from jmm import convert  # pylint: disable=g-import-not-at-top
     params, _ = init_params(model, config, config.seed)
-    init = convert.load_init_params(config.init_from, params)
+    if moe_lib.tower_moe(config, 'image') or moe_lib.tower_moe(config, 'text'):
+      init = _init_moe_params(convert, config.init_from, params)
+    else:
+      init = convert.load_init_params(config.init_from, params)
   with jax.set_mesh(mesh):
     state, state_shardings, tx, schedule = create_state(model, config, mesh, axis_rules, params=init)
   num_params = sum(x.size for x in jax.tree.leaves(state['params']))
@@ -270,7 +285,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'resumed from checkpoint at step {start_step}', flush=True)
 
   train_step = make_train_step(model, tx, schedule, objective, config.loss, state_shardings=state_shardings,
-                               mesh=mesh, axis_rules=axis_rules)
+                               mesh=mesh, axis_rules=axis_rules, moe_config=config.model.get('moe'))
   embed_fns = make_embed_fns(model, mesh)
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
   progress = metrics_lib.Progress(total_steps, batch_size, start_step)
@@ -336,6 +351,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     scope.close()
     signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _init_moe_params(convert, path: str, params):
+  """init_from for a MoE model: a MoE checkpoint of the same shape loads as is; a dense parent is upcycled
+  (CLIP-UP: each expert a copy of the dense MLP, routers from the fresh initialisation in `params`)."""
+  try:
+    return convert.load_init_params(path, params)
+  except ValueError as moe_error:
+    try:
+      dense = convert.load_init_params(path, moe_lib.dense_template(params))
+    except ValueError as dense_error:
+      raise ValueError(f'init_from={path!r} fits neither the MoE model ({moe_error}) nor its dense parent '
+                       f'({dense_error})') from None
+  print(f'init_from: upcycled the dense parameters of {path} into the MoE model', flush=True)
+  return moe_lib.upcycle(dense, params)
 
 
 def _format_evals(step: int, results: dict) -> str:

@@ -174,6 +174,7 @@ class Encoder1DBlock(nn.Module):
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
   causal: bool = False  # Decoder-style self-attention: token i sees tokens j <= i.
+  moe: Any = None  # A mixture-of-experts MLP ('moe', jmm.models.moe.MoeMlp's fields) instead of the MlpBlock.
 
   @nn.compact
   def __call__(self, x, mask=None, segment_ids=None):  # x: [batch, tokens, width]
@@ -184,7 +185,11 @@ class Encoder1DBlock(nn.Module):
         y, y, mask, causal=self.causal, segment_ids=segment_ids)
     x = constrain(x + y)
     y = layer_norm(name='ln_mlp', epsilon=self.norm_eps, **kw)(x)
-    y = MlpBlock(self.mlp_dim, activation=self.activation, name='mlp', **kw)(y)
+    if self.moe:
+      from jmm.models import moe as moe_lib  # pylint: disable=g-import-not-at-top  (moe imports this module)
+      y = moe_lib.MoeMlp(self.mlp_dim, activation=self.activation, name='moe', **dict(self.moe), **kw)(y)
+    else:
+      y = MlpBlock(self.mlp_dim, activation=self.activation, name='mlp', **kw)(y)
     return constrain(x + y)
 
 
@@ -225,6 +230,8 @@ class Encoder(nn.Module):
   remat_policy: what remat may keep (a key of REMAT_POLICIES); 'none' = `remat` decides ('full' if set).
   scan: one `nn.scan` over stacked layer params (leading 'layers' axis): compile time independent of depth.
   The param trees differ: `encoderblock_{i}/...` without scan, `encoderblock/...` with a leading depth axis.
+  moe: `config.model.moe` fields (jmm.models.moe) incl. 'layers', the pattern of blocks whose MLP is a mixture of
+  experts; None or num_experts=0: none.
   """
   depth: int
   mlp_dim: int
@@ -237,12 +244,20 @@ class Encoder(nn.Module):
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
   remat_policy: str = 'none'
+  moe: Any = None
 
   @nn.compact
   def __call__(self, x, mask=None, *, causal: bool = False, segment_ids=None):  # x: [batch, tokens, width]
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
               attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps)
     remat, policy = remat_policy(self.remat, self.remat_policy)
+    moe_blocks = {}
+    if self.moe and self.moe.get('num_experts'):
+      from jmm.models import moe as moe_lib  # pylint: disable=g-import-not-at-top  (moe imports this module)
+      moe_blocks = moe_lib.block_configs(self.moe, self.depth)  # {block index: MoeMlp fields}
+      if self.scan:
+        raise ValueError('model.moe with scan=True is not supported (the scanned blocks must be identical); '
+                         'set the tower\'s scan=False')
     if self.scan:
       block = nn.remat(_ScanBlock, prevent_cse=False, policy=policy) if remat else _ScanBlock
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
@@ -251,7 +266,7 @@ class Encoder(nn.Module):
     else:
       block = nn.remat(Encoder1DBlock, policy=policy) if remat else Encoder1DBlock
       for i in range(self.depth):
-        x = block(name=f'encoderblock_{i}', causal=causal, **kw)(x, mask, segment_ids)
+        x = block(name=f'encoderblock_{i}', causal=causal, moe=moe_blocks.get(i), **kw)(x, mask, segment_ids)
     return layer_norm(self.dtype, self.param_dtype, name='encoder_norm', epsilon=self.norm_eps)(x)
 
 

@@ -1,6 +1,8 @@
 """Transformer text tower (as SigLIP's: bidirectional encoder, 'last' token pooling, linear head)."""
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,7 @@ class TextTransformer(nn.Module):
   norm_eps: float = 1e-6
   head_bias: bool = True
   eos_id: int = 1  # jmm's SentencePiece convention (jmm.data.tokenizer.EOS_ID); read by pool_type='eos'.
+  moe: Any = None  # config.model.moe fields (jmm.models.moe): mixture-of-experts MLPs in some blocks.
 
   @nn.compact
   def __call__(self, text, train: bool = False):
@@ -58,7 +61,7 @@ class TextTransformer(nn.Module):
     # causal: passed as such (not as a dense [L, L] mask) so flash kernels can skip the masked blocks.
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
                        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
-                       norm_eps=self.norm_eps, name='encoder', **kw)(x, causal=self.causal)
+                       norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x, causal=self.causal)
     pool_type, tokens = self.pool_type, x
     if pool_type in ('eos', 'argmax'):  # Gather the one pooled position, then pool it as 'first'.
       if pool_type == 'eos':

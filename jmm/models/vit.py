@@ -1,7 +1,7 @@
 """Vision Transformer image tower (Dosovitskiy et al. 2021) with SigLIP's MAP pooling (Zhai et al. 2023)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -102,6 +102,7 @@ class ViT(nn.Module):
   cls_posemb: bool = False
   ln_pre: bool = False
   head_bias: bool = True
+  moe: Any = None  # config.model.moe fields (jmm.models.moe): mixture-of-experts MLPs in some blocks.
 
   @nn.compact
   def __call__(self, image, train: bool = False):
@@ -130,7 +131,7 @@ class ViT(nn.Module):
       x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
                        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
-                       norm_eps=self.norm_eps, name='encoder', **kw)(x)
+                       norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x)
     emb, pooled = layers.pool_and_project(
         x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
         attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps,
