@@ -172,7 +172,7 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref, 
       return acc + _dot(x, w, (1, 0), precision)
 
     acc = lax.fori_loop(0, num_k, k_step, jnp.zeros((tm, tn), jnp.float32))
-    mine = jnp.logical_and(rows >= starts_ref[g], rows <= ends_ref[g])
+    mine = jnp.logical_and(rows >= starts_ref[g], rows < ends_ref[g])
     return jnp.where(mine, acc, out)
 
   out = lax.fori_loop(first_ref[i], last_ref[i] + 1, group, jnp.zeros((tm, tn), jnp.float32))
