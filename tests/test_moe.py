@@ -1,0 +1,277 @@
+"""Mixture of experts (jmm.models.moe): routing, capacity, losses, upcycling, expert parallelism, configs/clip_up.py."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmm import config as config_lib
+from jmm import parallel
+from jmm import train
+from jmm.config import ConfigError
+from jmm.models import layers
+from jmm.models import moe
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import clip_up  # noqa: E402
+from configs import siglip  # noqa: E402
+
+VOCAB = 64
+
+
+def _weights(rng, e, d, h):
+  return (jnp.asarray(rng.normal(size=(e, d, h)) * 0.3, jnp.float32), jnp.asarray(rng.normal(size=(e, h)) * 0.1,
+                                                                                   jnp.float32),
+          jnp.asarray(rng.normal(size=(e, h, d)) * 0.3, jnp.float32), jnp.asarray(rng.normal(size=(e, d)) * 0.1,
+                                                                                   jnp.float32))
+
+
+def _naive(x, logits, w, *, k, capacity_factor, groups, gating='softmax_topk', renormalize=True):
+  """Per-token loop: each group's tokens claim expert slots first choices first, in token order."""
+  w_in, b_in, w_out, b_out = (np.asarray(a, np.float64) for a in w)
+  x, logits = np.asarray(x, np.float64), np.asarray(logits, np.float64)
+  batch, length, width = x.shape
+  e = logits.shape[-1]
+  xs, ls = x.reshape(groups, -1, width), logits.reshape(groups, -1, e)
+  out, dropped = np.zeros_like(xs), 0
+  for g in range(groups):
+    tokens = xs.shape[1]
+    cap = tokens if capacity_factor == 0 else min(tokens, int(np.ceil(capacity_factor * tokens * k / e)))
+    probs = np.exp(ls[g] - ls[g].max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    choice = np.argsort(-ls[g], axis=-1, kind='stable')[:, :k]  # [T, k]
+    if gating == 'softmax_topk':
+      gate = np.take_along_axis(probs, choice, -1)
+      if renormalize:
+        gate /= gate.sum(-1, keepdims=True)
+    else:
+      top = np.take_along_axis(ls[g], choice, -1)
+      gate = np.exp(top - top.max(-1, keepdims=True))
+      gate /= gate.sum(-1, keepdims=True)
+    count = np.zeros(e, int)
+    for j in range(k):
+      for t in range(tokens):
+        ex = choice[t, j]
+        if count[ex] >= cap:
+          dropped += 1
+          continue
+        count[ex] += 1
+        h = xs[g, t] @ w_in[ex] + b_in[ex]
+        h = np.asarray(layers.activation_fn('gelu_tanh')(jnp.asarray(h)), np.float64)
+        out[g, t] += gate[t, j] * (h @ w_out[ex] + b_out[ex])
+  return out.reshape(batch, length, width), dropped / (batch * length * k)
+
+
+@pytest.mark.parametrize('capacity_factor, gating, renormalize', [
+    (0.0, 'softmax_topk', True), (1.0, 'softmax_topk', True), (0.5, 'topk_softmax', True),
+    (1.25, 'softmax_topk', False)])
+def test_block_matches_a_per_token_loop(capacity_factor, gating, renormalize):
+  rng = np.random.default_rng(0)
+  b, l, d, h, e, k, groups = 4, 6, 8, 16, 4, 2, 2
+  x = jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32)
+  logits = jnp.asarray(rng.normal(size=(b, l, e)), jnp.float32)
+  w = _weights(rng, e, d, h)
+  out, stats = jax.jit(lambda x, lg, w: moe.moe_mlp(x, lg, w, k=k, capacity_factor=capacity_factor, gating=gating,
+                                                     renormalize=renormalize, groups=groups))(x, logits, w)
+  want, dropped = _naive(x, logits, w, k=k, capacity_factor=capacity_factor, groups=groups, gating=gating,
+                         renormalize=renormalize)
+  np.testing.assert_allclose(out, want, atol=2e-5)
+  np.testing.assert_allclose(stats['dropped_fraction'], dropped, atol=1e-6)
+  if capacity_factor in (0.5, 1.0):
+    assert dropped > 0  # The case exercises dropping.
+
+
+def test_capacity_drops_the_overflow_of_a_popular_expert():
+  # 8 tokens all prefer expert 0, then expert 1; 4 experts, k=1, capacity factor 1 -> 2 slots per expert.
+  logits = jnp.tile(jnp.array([3.0, 2.0, 0.0, -1.0]), (1, 8, 1))  # [1, 8, 4]
+  assert moe.expert_capacity(8, 4, 1, 1.0) == 2 and moe.expert_capacity(8, 4, 2, 0.0) == 8
+  w = _weights(np.random.default_rng(1), 4, 4, 8)
+  x = jnp.ones((1, 8, 4))
+  _, stats = moe.moe_mlp(x, logits, w, k=1, capacity_factor=1.0, groups=1)
+  np.testing.assert_allclose(stats['dropped_fraction'], 6 / 8)
+  np.testing.assert_allclose(stats['load'], [1, 0, 0, 0])
+  _, stats = moe.moe_mlp(x, logits, w, k=2, capacity_factor=1.0, groups=1)  # 4 slots each: 4 + 4 of 16 kept.
+  np.testing.assert_allclose(stats['dropped_fraction'], 8 / 16)
+  _, stats = moe.moe_mlp(x, logits, w, k=2, capacity_factor=0.0, groups=1)  # Dropless.
+  np.testing.assert_allclose(stats['dropped_fraction'], 0.0)
+
+
+def test_routing_and_losses_match_hand_formulas():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(10, 5)).astype(np.float32)
+  weights, experts, probs = moe.route(jnp.asarray(logits), 2, 'softmax_topk', renormalize=True)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  top = np.argsort(-logits, -1)[:, :2]
+  np.testing.assert_array_equal(experts, top)
+  np.testing.assert_allclose(weights, np.take_along_axis(p, top, -1) / np.take_along_axis(p, top, -1).sum(-1,
+                                                                                                          keepdims=True),
+                             rtol=1e-5)
+  soft, _, _ = moe.route(jnp.asarray(logits), 2, 'topk_softmax')
+  top_logits = np.take_along_axis(logits, top, -1)
+  np.testing.assert_allclose(soft, np.exp(top_logits) / np.exp(top_logits).sum(-1, keepdims=True), rtol=1e-5)
+  aux, load = moe.load_balance_loss(probs, experts, 5)
+  f = np.array([(top == i).sum() for i in range(5)]) / top.size
+  np.testing.assert_allclose(load, f, rtol=1e-6)
+  np.testing.assert_allclose(aux, 5 * np.sum(f * p.mean(0)), rtol=1e-5)
+  np.testing.assert_allclose(moe.router_z_loss(jnp.asarray(logits)),
+                             np.mean(np.log(np.exp(logits).sum(-1)) ** 2), rtol=1e-5)
+  uniform = jnp.zeros((8, 4))
+  np.testing.assert_allclose(moe.load_balance_loss(jax.nn.softmax(uniform), jnp.arange(8)[:, None] % 4, 4)[0], 1.0)
+
+
+def test_layer_patterns():
+  assert moe.moe_layer_indices('every_other', 4) == (1, 3)
+  assert moe.moe_layer_indices('every_other', 1) == ()
+  assert moe.moe_layer_indices('all', 3) == (0, 1, 2)
+  assert moe.moe_layer_indices('last_n:2', 5) == (3, 4)
+  assert moe.moe_layer_indices('0,-1', 4) == (0, 3)
+  assert moe.moe_layer_indices([2], 4) == (2,)
+  for bad in ('every_third', 'last_n:9', '7'):
+    with pytest.raises(ValueError, match='layers='):
+      moe.moe_layer_indices(bad, 4)
+
+
+def _tiny(config, width=32, depth=2):
+  tiny = dict(width=width, depth=depth, mlp_dim=64, num_heads=2, out_dim=None)
+  config.model.image.update(tiny, patch_size=(8, 8))
+  config.model.text.update(tiny)
+  config.model.out_dim = 32
+  config.data.text_len = 8
+  return config
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('num_experts', -1, 'num_experts'), ('k', 5, r'moe.k=5'), ('gating', 'top1', 'moe.gating'),
+    ('capacity_factor', -1.0, 'capacity_factor'), ('layers', 'last_n:7', 'moe.layers'),
+    ('towers', 'image,audio', 'moe.towers'), ('impl', 'cuda', 'moe.impl'), ('aux_loss_weight', -0.1, 'aux_loss'),
+    ('dispatch', 'ragged', 'dispatch'), ('colour', 1, 'no field')])
+def test_config_errors_name_the_field(field, value, message):
+  c = _tiny(clip_up.get_config('res=16,batch=16,steps=4,experts=4'))
+  c.model.moe[field] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_scan_and_mesh_errors():
+  c = _tiny(clip_up.get_config('res=16,batch=16,steps=4,experts=4'))
+  c.model.image.scan = True
+  with pytest.raises(ConfigError, match='model.image.scan'):
+    config_lib.validate(c)
+  c = _tiny(clip_up.get_config('res=16,batch=16,steps=4,experts=6'))
+  with pytest.raises(ConfigError, match='num_experts=6 is not divisible'):
+    moe.check_mesh(c, parallel.make_mesh('data=2,expert=4'))
+
+
+def test_dense_config_keeps_the_dense_parameter_tree():
+  c = _tiny(siglip.get_config('res=16,batch=16,steps=4'))
+  assert c.model.moe.num_experts == 0
+  params, _ = train.init_params(train.make_model(c, VOCAB), c, 0)
+  block = params['img']['encoder']['encoderblock_1']
+  assert 'mlp' in block and 'moe' not in block
+
+
+def _inputs(batch=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.uniform(-1, 1, (batch, 16, 16, 3)), jnp.float32),
+          jnp.asarray(rng.integers(3, VOCAB, (batch, 8)), jnp.int32))
+
+
+@pytest.mark.parametrize('capacity_factor, gating', [(0.0, 'softmax_topk'), (2.0, 'topk_softmax')])
+def test_upcycled_model_equals_its_dense_parent(capacity_factor, gating):
+  dense_config = _tiny(siglip.get_config('res=16,batch=16,steps=4'))
+  dense_model = train.make_model(dense_config, VOCAB)
+  dense_params, _ = train.init_params(dense_model, dense_config, 0)
+  config = _tiny(clip_up.get_config('res=16,batch=16,steps=4,experts=4,k=2'))
+  config.model.moe.update(capacity_factor=capacity_factor, gating=gating, layers='all')
+  model = train.make_model(config, VOCAB)
+  fresh, _ = train.init_params(model, config, 1)
+  from jmm import convert  # pylint: disable=g-import-not-at-top
+  template = moe.dense_template(fresh)
+  assert set(convert.flatten(template)) == set(convert.flatten(dense_params))
+  params = moe.upcycle(dense_params, fresh)
+  block = params['txt']['encoder']['encoderblock_0']['moe']
+  np.testing.assert_array_equal(block['fc_in_kernel'][3], dense_params['txt']['encoder']['encoderblock_0']['mlp'][
+      'fc_in']['kernel'])
+  np.testing.assert_array_equal(block['router'], fresh['txt']['encoder']['encoderblock_0']['moe']['router'])
+  image, text = _inputs(4)
+  zimg_d, ztxt_d, _ = dense_model.apply({'params': dense_params}, image, text)
+  zimg, ztxt, _ = model.apply({'params': params}, image, text)
+  np.testing.assert_allclose(zimg, zimg_d, atol=2e-6)
+  np.testing.assert_allclose(ztxt, ztxt_d, atol=2e-6)
+  # Without renormalisation the top-2 of a softmax over 4 experts sum to less than one: not the parent.
+  config.model.moe.update(gating='softmax_topk', renormalize=False)
+  zimg_u, _, _ = train.make_model(config, VOCAB).apply({'params': params}, image, text)
+  assert np.abs(np.asarray(zimg_u) - np.asarray(zimg_d)).max() > 1e-3
+
+
+def _setup(config, devices=None):
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
+  axis_rules = parallel.rules(config, mesh)
+  model = train.make_model(config, VOCAB)
+  objective = config_lib.lookup('objectives', config.objective)
+  with jax.set_mesh(mesh):
+    state, shardings, tx, schedule = train.create_state(model, config, mesh, axis_rules)
+  step = train.make_train_step(model, tx, schedule, objective, config.loss, state_shardings=shardings, mesh=mesh,
+                               axis_rules=axis_rules, moe_config=config.model.moe)
+  return mesh, state, step
+
+
+def test_expert_parallel_training_equals_one_device():
+  """3 steps with expert axis 4 and 8 (batch split 8 ways too) give the single-device losses, metrics and params.
+
+  Capacity factor 1 drops tokens; `groups=8` fixes the routing groups, so capacity means the same on every mesh.
+  """
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32),
+              'text': rng.integers(3, VOCAB, (16, 8)).astype(np.int32)} for _ in range(3)]
+  results = {}
+  for spec, devices in [('data=1', jax.devices()[:1]), ('data=2,expert=4', None), ('expert=8', None)]:
+    config = _tiny(clip_up.get_config('res=16,batch=16,steps=20,experts=8,k=2'))
+    config.model.moe.update(capacity_factor=1.0, groups=8)
+    config.optim.warmup_steps = 1
+    config.mesh = spec
+    mesh, state, step = _setup(config, devices)
+    curve = []
+    with jax.set_mesh(mesh):
+      for b in batches:
+        state, metrics = step(state, parallel.global_batch(b, mesh))
+        curve.append(jax.device_get(metrics))
+    if spec != 'data=1':
+      kernel = state['params']['img']['encoder']['encoderblock_1']['moe']['fc_in_kernel']
+      assert kernel.sharding.spec[0] == 'expert'
+    results[spec] = curve, jax.tree.map(np.asarray, state['params'])
+  ref_curve, ref_params = results['data=1']
+  assert ref_curve[0]['moe/img/dropped_fraction'] > 0  # Capacity 1 drops some tokens.
+  for spec in ('data=2,expert=4', 'expert=8'):
+    curve, params = results[spec]
+    for got, want in zip(curve, ref_curve):
+      for key in ('loss', 'contrastive_loss', 'moe/img/aux_loss', 'moe/txt/z_loss', 'moe/img/dropped_fraction',
+                  'moe/txt/load_max_over_mean', 'grad_norm'):
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=f'{spec} {key}')
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, ref_params)
+
+
+def test_clip_up_upcycles_a_dense_workdir_and_trains(tmp_path, capsys):
+  small = dict(num_examples=48, batch_size=48)
+  def shrink(c):
+    _tiny(c)
+    c.batch_size, c.log_every, c.checkpoint.every = 16, 2, 1000
+    c.checkpoint['async'] = False
+    c.tokenizer.train_sentences = 2000
+    c.evals = {'retrieval': dict(type='retrieval', every=0, resolution=16, seed=1, text_len=8, **small)}
+    return c
+  dense_dir, moe_dir = str(tmp_path / 'dense'), str(tmp_path / 'moe')
+  train.run(shrink(siglip.get_config('res=16,steps=4')), dense_dir)
+  config = shrink(clip_up.get_config('res=16,steps=4,experts=4'))
+  config.init_from = dense_dir
+  config.tokenizer.path = os.path.join(dense_dir, 'tokenizer.model')
+  final = train.run(config, moe_dir)
+  assert 'upcycled the dense parameters' in capsys.readouterr().out
+  assert 'retrieval/i2t_r1' in final or any(k.startswith('retrieval/') for k in final)
+  with open(os.path.join(moe_dir, 'metrics.jsonl')) as f:
+    logged = [json.loads(line) for line in f]
+  first = next(m for m in logged if 'moe/img/aux_loss' in m)
+  assert {'moe/txt/z_loss', 'moe/img/dropped_fraction', 'moe/img/load_max_over_mean', 'contrastive_loss'} <= set(first)
