@@ -358,5 +358,8 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = 'auto', preferred_element_t
   if impl == 'einsum':
     return _einsum_gmm(x, w, group_sizes, out_dtype)
   backend = _pallas_backend(impl, 'grouped_matmul', GMM_IMPLS)
+  if x.dtype != w.dtype:  # The kernels multiply one dtype (Triton's dot wants matching operands).
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
   merged = {**DEFAULT_BLOCKS, **(blocks or {})}
   return _gmm_pallas(x, w, group_sizes, backend, tuple(sorted(merged.items())), out_dtype, _interpret(interpret))
