@@ -9,10 +9,6 @@ element matters.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp

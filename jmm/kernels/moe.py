@@ -17,8 +17,9 @@ Implementations (`impl=`):
 and on CPU the Mosaic kernels in the TPU interpreter (exact, slow: for tests). Not the Triton ones on CPU, as
 `attention` does: JAX's interpreter for them cannot type an in-kernel loop inside `jax.shard_map` with
 check_vma=True (jax 0.10.2: "Scan carry input and output got mismatched varying manual axes"), so
-'pallas_gpu' on CPU inside shard_map needs check_vma=False. Compiled kernels are unaffected. The kernel files hold only the raw
-kernels; this file pads, builds the group tables and defines the custom VJP of the Pallas grouped matmul:
+'pallas_gpu' on CPU inside shard_map needs check_vma=False (compiled kernels do not go through that interpreter).
+The kernel files hold only the raw kernels; this file pads, builds the group tables and defines the custom VJP of
+the Pallas grouped matmul:
 dx = grouped_matmul(dy, w^T) (the same kernel) and dw[e] = x_e^T dy_e (the transposed kernel `tgmm`).
 
 The routing kernels compute what the XLA paths compute, exactly: the top-k values / indices (ties to the lower
