@@ -168,7 +168,8 @@ def test_scan_and_mesh_errors():
 def test_dense_config_keeps_the_dense_parameter_tree():
   c = _tiny(siglip.get_config('res=16,batch=16,steps=4'))
   assert c.model.moe.num_experts == 0
-  params, _ = train.init_params(train.make_model(c, VOCAB), c, 0)
+  image, text = _inputs(1)
+  params = jax.eval_shape(train.make_model(c, VOCAB).init, jax.random.key(0), image, text)['params']
   block = params['img']['encoder']['encoderblock_1']
   assert 'mlp' in block and 'moe' not in block
 
@@ -197,13 +198,13 @@ def test_upcycled_model_equals_its_dense_parent(capacity_factor, gating):
       'fc_in']['kernel'])
   np.testing.assert_array_equal(block['router'], fresh['txt']['encoder']['encoderblock_0']['moe']['router'])
   image, text = _inputs(4)
-  zimg_d, ztxt_d, _ = dense_model.apply({'params': dense_params}, image, text)
-  zimg, ztxt, _ = model.apply({'params': params}, image, text)
+  zimg_d, ztxt_d, _ = jax.jit(dense_model.apply)({'params': dense_params}, image, text)
+  zimg, ztxt, _ = jax.jit(model.apply)({'params': params}, image, text)
   np.testing.assert_allclose(zimg, zimg_d, atol=2e-6)
   np.testing.assert_allclose(ztxt, ztxt_d, atol=2e-6)
   # Without renormalisation the top-2 of a softmax over 4 experts sum to less than one: not the parent.
   config.model.moe.update(gating='softmax_topk', renormalize=False)
-  zimg_u, _, _ = train.make_model(config, VOCAB).apply({'params': params}, image, text)
+  zimg_u, _, _ = jax.jit(train.make_model(config, VOCAB).apply)({'params': params}, image, text)
   assert np.abs(np.asarray(zimg_u) - np.asarray(zimg_d)).max() > 1e-3
 
 
@@ -264,8 +265,8 @@ def test_clip_up_upcycles_a_dense_workdir_and_trains(tmp_path, capsys):
     c.evals = {'retrieval': dict(type='retrieval', every=0, resolution=16, seed=1, text_len=8, **small)}
     return c
   dense_dir, moe_dir = str(tmp_path / 'dense'), str(tmp_path / 'moe')
-  train.run(shrink(siglip.get_config('res=16,steps=4')), dense_dir)
-  config = shrink(clip_up.get_config('res=16,steps=4,experts=4'))
+  train.run(shrink(siglip.get_config('res=16,steps=2')), dense_dir)
+  config = shrink(clip_up.get_config('res=16,steps=2,experts=4'))
   config.init_from = dense_dir
   config.tokenizer.path = os.path.join(dense_dir, 'tokenizer.model')
   final = train.run(config, moe_dir)

@@ -13,7 +13,7 @@ no global communication beyond the all_to_all, and a fixed `groups` gives the sa
 Dispatch. Capacity mode (`capacity_factor > 0`): each group fills an [experts, capacity, width] buffer, first choices
 before second choices, tokens in order; assignments past an expert's capacity are dropped (their share of the
 output is zero; the residual connection carries the token). Dropless mode (`capacity_factor == 0`): tokens sorted by
-expert and run through a grouped matmul (`jax.lax.ragged_dot`), nothing dropped. Under a mesh whose 'expert' axis is
+expert and run through a grouped matmul (`jmm.kernels.moe.grouped_matmul`), nothing dropped. Under a mesh whose 'expert' axis is
 larger than one, each device routes its own groups, exchanges the capacity-padded buffers with `jax.lax.all_to_all`
 over 'expert' inside `jax.shard_map`, applies its local experts and sends the results back. Dropless mode under
 expert parallelism uses the same exchange with capacity = group length (an expert can receive at most one
@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jmm.kernels import moe as kernels
 from jmm.models import layers
 
 GATINGS = ('softmax_topk', 'topk_softmax')
-IMPLS = ('auto', 'ragged_dot', 'einsum', 'pallas')
+IMPLS = kernels.GMM_IMPLS  # Grouped matmul of the dropless path: 'auto' = ragged_dot on CPU, Pallas on GPU / TPU.
 DISPATCHES = ('capacity', 'ragged')
 TOWERS = ('image', 'text')
 BATCH_AXES = ('data', 'fsdp', 'expert')
@@ -49,29 +50,6 @@ DEFAULTS = dict(num_experts=0, k=2, layers='every_other', towers='image,text', c
                 impl='auto', dispatch='capacity')
 # Fields the MoeMlp module takes (the rest are read by the encoder, make_model and the training loss).
 MODULE_FIELDS = ('num_experts', 'k', 'capacity_factor', 'gating', 'renormalize', 'groups', 'impl', 'dispatch')
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Kernels behind one internal seam: jmm.kernels.moe when it exists, plain XLA otherwise.
-# ---------------------------------------------------------------------------------------------------------
-def _topk_route(logits, k):
-  """(top-k logits [T, k] in descending order, their experts [T, k] int32)."""
-  values, experts = jax.lax.top_k(logits, k)
-  return values, experts.astype(jnp.int32)
-
-
-def _sort_by_expert(experts, num_experts):
-  """(perm [T*k]: flat token*k+slot indices grouped by expert, stable; group_sizes [E] int32)."""
-  flat = experts.reshape(-1)
-  perm = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return perm, sizes
-
-
-def _grouped_matmul(x, w, group_sizes, impl='auto'):
-  """x [M, K] rows grouped by expert (group_sizes [E]) times w [E, K, N] -> [M, N]."""
-  del impl  # One implementation until jmm.kernels.moe provides the others.
-  return jax.lax.ragged_dot(x, w, group_sizes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,7 +64,7 @@ def route(logits, k: int, gating: str = 'softmax_topk', renormalize: bool = True
   """
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
-  top_logits, experts = _topk_route(logits, k)
+  top_logits, experts = kernels.topk_route(logits, k)
   if gating == 'softmax_topk':
     weights = jnp.take_along_axis(probs, experts, axis=-1)
     if renormalize:
@@ -186,14 +164,13 @@ def moe_dropless(x, weights, experts, w, *, activation, impl='auto'):
   """
   num_experts, k = w[0].shape[0], experts.shape[1]
   w_in, b_in, w_out, b_out = w
-  perm, sizes = _sort_by_expert(experts, num_experts)
+  perm, sizes = kernels.sort_by_expert(experts, num_experts)  # [N*k] grouped by expert, [E]
   expert_of_row = experts.reshape(-1)[perm]  # [N*k]
-  xs = x[perm // k]  # [N*k, D]
-  h = _grouped_matmul(xs, w_in, sizes, impl) + b_in[expert_of_row]
+  xs = kernels.permute(x, perm, k)  # [N*k, D]
+  h = kernels.grouped_matmul(xs, w_in, sizes, impl=impl) + b_in[expert_of_row]
   h = layers.activation_fn(activation)(h)
-  ys = _grouped_matmul(h, w_out, sizes, impl) + b_out[expert_of_row]  # [N*k, D]
-  y = jnp.zeros_like(ys).at[perm].set(ys).reshape(x.shape[0], k, -1)
-  return jnp.einsum('tkd,tk->td', y, weights.astype(y.dtype))
+  ys = kernels.grouped_matmul(h, w_out, sizes, impl=impl) + b_out[expert_of_row]  # [N*k, D]
+  return kernels.unpermute(ys, perm, weights).astype(x.dtype)
 
 
 def _expert_parallel(x, logits, w, *, groups, shards, k, capacity_factor, gating, renormalize, activation, axes):
