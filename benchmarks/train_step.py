@@ -104,6 +104,8 @@ def format_record(r: dict) -> str:
   """A short human-readable summary of one result record."""
   s, f, mem = r['step'], r['flops'], r['memory']
   ratio = f'{f["xla_over_analytic"]:.3f}' if f['xla_over_analytic'] else 'n/a'
+  if any(r['config'][t].get('scan') for t in ('image', 'text')):
+    ratio += ' (scan: XLA counts the scanned layer body once, not once per layer)'
   return '\n'.join([
       f'{r["label"] or "train_step"} on {r["machine"]["device_kind"]} (load {r["machine"]["load_average"]})',
       f'  step {s["median_s"] * 1e3:.1f} ms median (min {s["min_s"] * 1e3:.1f}, max {s["max_s"] * 1e3:.1f}, '
