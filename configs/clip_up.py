@@ -15,7 +15,8 @@ checkpoint of the same shape loads as is. The argument string is siglip.py's plu
 Recipe, as in the paper: separate experts per tower ("separated backbone"), MoE in every other block, top-2
 routing, a load-balance loss and a router z-loss, and a learning rate below the dense run's. The loss weights
 (0.01 and 0.001) are ST-MoE's (Zoph et al. 2022) standard values, and the capacity factor 2 and lr 3e-4 our choice
-for this tiny setting; we did not take them from the CLIP-UP paper. Dropless routing: --config.model.moe.capacity_factor=0.
+for this tiny setting; we did not take them from the CLIP-UP paper.
+Dropless routing: --config.model.moe.capacity_factor=0.
 Expert parallelism: --config.mesh=data=-1,expert=4 (num_experts must be a multiple of the expert axis).
 """
 import math

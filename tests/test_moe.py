@@ -106,9 +106,8 @@ def test_routing_and_losses_match_hand_formulas():
   p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   top = np.argsort(-logits, -1)[:, :2]
   np.testing.assert_array_equal(experts, top)
-  np.testing.assert_allclose(weights, np.take_along_axis(p, top, -1) / np.take_along_axis(p, top, -1).sum(-1,
-                                                                                                          keepdims=True),
-                             rtol=1e-5)
+  picked = np.take_along_axis(p, top, -1)
+  np.testing.assert_allclose(weights, picked / picked.sum(-1, keepdims=True), rtol=1e-5)
   soft, _, _ = moe.route(jnp.asarray(logits), 2, 'topk_softmax')
   top_logits = np.take_along_axis(logits, top, -1)
   np.testing.assert_allclose(soft, np.exp(top_logits) / np.exp(top_logits).sum(-1, keepdims=True), rtol=1e-5)

@@ -13,11 +13,12 @@ no global communication beyond the all_to_all, and a fixed `groups` gives the sa
 Dispatch. Capacity mode (`capacity_factor > 0`): each group fills an [experts, capacity, width] buffer, first choices
 before second choices, tokens in order; assignments past an expert's capacity are dropped (their share of the
 output is zero; the residual connection carries the token). Dropless mode (`capacity_factor == 0`): tokens sorted by
-expert and run through a grouped matmul (`jmm.kernels.moe.grouped_matmul`), nothing dropped. Under a mesh whose 'expert' axis is
-larger than one, each device routes its own groups, exchanges the capacity-padded buffers with `jax.lax.all_to_all`
-over 'expert' inside `jax.shard_map`, applies its local experts and sends the results back. Dropless mode under
-expert parallelism uses the same exchange with capacity = group length (an expert can receive at most one
-assignment per token), which never drops and runs on CPU.
+expert and run through a grouped matmul (`jmm.kernels.moe.grouped_matmul`), nothing dropped. Under a mesh
+whose 'expert' axis is larger than one, each device routes its own groups, exchanges the capacity-padded buffers
+with `jax.lax.all_to_all` over 'expert' inside `jax.shard_map`, applies its local experts and sends the results
+back. Dropless mode under expert parallelism uses the same exchange with capacity = group length (an expert can
+receive at most one assignment per token): it never drops and runs on CPU, with buffers of E x group-length rows
+where capacity mode has about capacity_factor x k x group-length.
 
 Parameters: router [embed, experts]; fc_in_kernel [experts, embed, mlp], fc_in_bias [experts, mlp];
 fc_out_kernel [experts, mlp, embed], fc_out_bias [experts, embed]. Logical names put the expert dimension on the
@@ -230,8 +231,8 @@ def moe_mlp(x, logits, w, *, k, capacity_factor=2.0, gating='softmax_topk', reno
   if expert_size > 1 and batch % shards == 0 and groups % shards == 0 and batch % groups == 0:
     if num_experts % expert_size:
       raise ValueError(f'num_experts={num_experts} is not divisible by the mesh\'s expert axis ({expert_size})')
-    out, stats = _expert_parallel(x, logits, w, groups=groups, shards=shards, k=k, capacity_factor=capacity_factor, gating=gating,
-                                  renormalize=renormalize, activation=activation, axes=axes)
+    out, stats = _expert_parallel(x, logits, w, groups=groups, shards=shards, k=k, capacity_factor=capacity_factor,
+                                  gating=gating, renormalize=renormalize, activation=activation, axes=axes)
   else:
     groups = math.gcd(batch, groups)
     lg = logits.reshape(groups, -1, num_experts)  # [G, T, E]
