@@ -117,7 +117,7 @@ def router_z_loss(logits):
 def _stats(logits, probs, weights, experts, keep, num_experts):
   aux, load = load_balance_loss(probs, experts, num_experts)
   return {'aux_loss': aux, 'z_loss': router_z_loss(logits), 'load': load,
-          'dropped_fraction': 1.0 - jnp.mean(keep.astype(jnp.float32))}
+          'dropped_fraction': jnp.mean((~keep).astype(jnp.float32))}
 
 
 # ---------------------------------------------------------------------------------------------------------
