@@ -243,24 +243,7 @@ def _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, *, scale, causal, kv_le
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, static):
-  o, _, _ = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
-  return o
-
-
-def _flash_fwd(q, k, v, q_seg, kv_seg, static):
-  o, m, l_inv = _call_forward(q, k, v, q_seg, kv_seg, **dict(static))
-  return o, (q, k, v, q_seg, kv_seg, o, (m, l_inv))
-
-
-def _flash_bwd(static, residuals, do):
-  q, k, v, q_seg, kv_seg, o, stats = residuals
-  dq, dk, dv = _call_backward(q, k, v, q_seg, kv_seg, o, stats, do, **dict(static))
-  return dq, dk, dv, None, None  # Segment ids are integers: no cotangent.
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = common.flash_with_vjp(_call_forward, _call_backward)
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, block_q: int = DEFAULT_BLOCK_Q,

@@ -14,6 +14,8 @@ such a fully masked row.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,27 @@ def is_power_of_two(n: int) -> bool:
 def default_interpret() -> bool:
   """Kernels run in interpret mode where no GPU / TPU compiler exists (CPU): slow, but exact and testable."""
   return jax.default_backend() == 'cpu'
+
+
+def flash_with_vjp(call_forward, call_backward):
+  """A backend's flash attention `fn(q, k, v, q_seg, kv_seg, static)` with its custom VJP.
+
+  call_forward(q, k, v, q_seg, kv_seg, **static) -> (o, m, l_inv); call_backward(q, k, v, q_seg, kv_seg, o,
+  (m, l_inv), do, **static) -> (dq, dk, dv). `static` is a hashable tuple of (name, value) pairs. The forward
+  saves o and the row statistics; the backward recomputes the probabilities from them.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def flash(q, k, v, q_seg, kv_seg, static):
+    return call_forward(q, k, v, q_seg, kv_seg, **dict(static))[0]
+
+  def fwd(q, k, v, q_seg, kv_seg, static):
+    o, m, l_inv = call_forward(q, k, v, q_seg, kv_seg, **dict(static))
+    return o, (q, k, v, q_seg, kv_seg, o, (m, l_inv))
+
+  def bwd(static, residuals, do):
+    q, k, v, q_seg, kv_seg, o, stats = residuals
+    dq, dk, dv = call_backward(q, k, v, q_seg, kv_seg, o, stats, do, **dict(static))
+    return dq, dk, dv, None, None  # Segment ids are integers: no cotangent.
+
+  flash.defvjp(fwd, bwd)
+  return flash
