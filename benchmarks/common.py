@@ -18,6 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from jmm import hostmem  # noqa: E402
+
+# What `python -m jmm.main` does first (config.host_malloc='auto'): keep XLA:CPU's per-step temporaries in the
+# heap instead of a fresh mmap each step (jmm/hostmem.py). JMM_HOST_MALLOC=default measures without it.
+HOST_MALLOC_TUNED = hostmem.tune_malloc(os.environ.get('JMM_HOST_MALLOC', 'auto'))
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -109,7 +115,7 @@ def machine_info() -> dict:
   dev = jax.devices()[0]
   return {'platform': dev.platform, 'device_kind': dev.device_kind, 'device_count': jax.device_count(),
           'cpu': cpu, 'cpu_count': os.cpu_count(), 'jax': jax.__version__, 'python': platform.python_version(),
-          'git': git_revision(), 'load_average': load_average()}
+          'git': git_revision(), 'load_average': load_average(), 'host_malloc_tuned': HOST_MALLOC_TUNED}
 
 
 def git_revision() -> str:

@@ -28,6 +28,9 @@ def base_config(arg) -> ml_collections.ConfigDict:
   c.objective = 'contrastive'
   c.dtype = 'float32'              # Compute dtype; parameters stay float32. 'bfloat16' on accelerators.
   c.attention_impl = 'xla'
+  # Host malloc for XLA:CPU (jmm/hostmem.py): 'auto' keeps each step's temporaries in the heap instead of
+  # page-faulting a fresh mmap every step (about 20% faster steps on CPU); 'default' leaves glibc alone.
+  c.host_malloc = 'auto'
   # Named device mesh (jmm.parallel): 'data=-1' = every device data-parallel. FSDP and tensor parallelism are
   # one override away, e.g. --config.mesh=data=-1,fsdp=8,tensor=2 (pairs [('data', -1), ...] work too).
   c.mesh = 'data=-1,fsdp=1,tensor=1'

@@ -74,6 +74,7 @@ _CHOICES = {
     'data.name': ('synthetic', 'webdataset', 'array_record', 'tfds', 'mixture'),
     'data.transform': ('resize', 'resize_crop', 'random_resized_crop'),
     'attention_impl': ('xla', 'cudnn', 'pallas', 'auto', 'reference'),
+    'host_malloc': ('auto', 'tuned', 'default'),
 }
 
 

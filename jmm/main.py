@@ -18,6 +18,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, 0
 
 def main(argv) -> None:
   del argv
+  from jmm import hostmem  # pylint: disable=g-import-not-at-top
+  try:  # First, before JAX starts its CPU client: see jmm/hostmem.py.
+    hostmem.tune_malloc(_CONFIG.value.get('host_malloc', 'auto'))
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   from jmm import checkpoint  # Imported after flag parsing so --help stays fast.
   from jmm import config as config_lib
   from jmm import parallel

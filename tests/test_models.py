@@ -307,3 +307,34 @@ def test_param_count_matches_formula():
   model = vit.ViT(width=d, depth=depth, mlp_dim=m, num_heads=4, patch_size=(p, p), out_dim=out)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
   assert sum(x.size for x in jax.tree.leaves(nn.unbox(shapes))) == want == 1_037_312
+
+
+@pytest.mark.parametrize('shape,dtype', [((4, 7, 32), jnp.float32), ((5, 48), jnp.float32),
+                                         ((2, 3, 9, 64), jnp.float32), ((3, 9, 64), jnp.bfloat16)])
+def test_layer_norm_matches_flax_forward_and_gradients(shape, dtype):
+  """layers.LayerNorm (hand-written VJP) = flax's nn.LayerNorm (autodiff, two-pass variance): output and the
+  gradients to x, scale and bias, on random non-trivial scale / bias and an offset, scaled input."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3 * rng.standard_normal(shape) + 1, dtype)
+  scale = jnp.asarray(1 + 0.2 * rng.standard_normal(shape[-1]), jnp.float32)
+  bias = jnp.asarray(0.3 * rng.standard_normal(shape[-1]), jnp.float32)
+  d_out = jnp.asarray(rng.standard_normal(shape), dtype)
+  ref = nn.LayerNorm(epsilon=1e-6, dtype=dtype, use_fast_variance=False)
+  new = layers.LayerNorm(epsilon=1e-6, dtype=dtype)
+  outs = []
+  for module in (ref, new):
+    apply = lambda x, s, b, module=module: module.apply({'params': {'scale': s, 'bias': b}}, x)
+    out, vjp = jax.vjp(apply, x, scale, bias)
+    assert out.dtype == dtype
+    outs.append((out,) + vjp(d_out))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for name, a, b in zip(('out', 'dx', 'dscale', 'dbias'), *outs):
+    scale_ = max(1.0, float(jnp.abs(a.astype(jnp.float32)).max()))
+    np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol * scale_,
+                               err_msg=name)
+
+
+def test_layer_norm_keeps_flax_param_names(small_init):
+  """Checkpoints and the converters address LayerNorm parameters as 'scale' and 'bias' (as flax's)."""
+  block = small_init['img']['encoder']['encoderblock_0']
+  assert set(block['ln_attn']) == {'scale', 'bias'} and set(block['ln_mlp']) == {'scale', 'bias'}

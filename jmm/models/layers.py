@@ -25,6 +25,7 @@ bias zero. Parameters live in `param_dtype`; compute runs in `dtype` (e.g. bfloa
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -79,13 +80,70 @@ def dense(features, kernel_names, bias_names, *, axis=-1, dtype=jnp.float32, par
       kernel_init=partitioned(kernel_init, kernel_names), bias_init=partitioned(zeros, bias_names))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_fn(x, scale, bias, epsilon: float = 1e-6):
+  """LayerNorm over the last axis with a hand-written gradient: (x - mean) / sqrt(var + eps) * scale + bias.
+
+  Statistics and arithmetic in float32; the result has x's dtype. The backward pass saves only x and the per-row
+  mean and 1/std (not the normalised activations) and computes dx in one fused expression,
+  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale, instead of differentiating through the
+  two reductions: on XLA CPU this is about twice as fast as autodiff of the same formula, and it keeps activation
+  memory at one copy of x in its own dtype.
+  """
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_stats(x, epsilon):
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centred = x - mean
+  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
+  return centred, mean, rstd
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  centred, mean, rstd = _layer_norm_stats(x, epsilon)
+  y = centred * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, res, dy):
+  del epsilon
+  x, mean, rstd, scale, bias = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dy = dy.astype(jnp.float32)
+  g = dy * scale.astype(jnp.float32)
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  dscale = jnp.sum(dy * xhat, axis=rows).astype(scale.dtype)
+  dbias = jnp.sum(dy, axis=rows).astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over 'embed' (`layer_norm_fn`): parameters 'scale' and 'bias' as flax's nn.LayerNorm, statistics in
+  float32 whatever `dtype` is; the output is cast to `dtype`."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param('scale', partitioned(ones, ('embed',)), (width,), self.param_dtype)
+    bias = self.param('bias', partitioned(zeros, ('embed',)), (width,), self.param_dtype)
+    return layer_norm_fn(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
 def layer_norm(dtype, param_dtype, name=None, epsilon: float = 1e-6):
   """LayerNorm over 'embed' (statistics in float32 whatever `dtype` is, as flax does).
 
   epsilon: 1e-6 as big_vision / SigLIP; CLIP and open_clip use torch's default 1e-5.
   """
-  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=partitioned(ones, ('embed',)), bias_init=partitioned(zeros, ('embed',)))
+  return LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def quick_gelu(x):
