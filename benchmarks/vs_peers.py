@@ -18,6 +18,7 @@ MAP pooling, a pre-LN and a causal text mask, and projects both towers; its FLOP
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import sys
 import time
@@ -207,19 +208,23 @@ def compare(size_name: str, batch: int, rounds: int, steps: int, warmup: int, pe
   load_before = common.load_average()
   times = {name: [] for name in sides}
   cpu = {name: [] for name in sides}
+  faults = {name: [] for name in sides}  # Minor page faults: fresh memory touched (jmm/hostmem.py).
   for turn in range(rounds):
     for name, run in sides.items():
       for _ in range(steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
         run()
         times[name].append(time.perf_counter() - t0)
         cpu[name].append(time.process_time() - c0)
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
       print(f'turn {turn + 1}/{rounds} {name}: {times[name][-1]:.3f} s', file=sys.stderr, flush=True)
   results = {}
   for name in sides:
     med = statistics.median(times[name])
     results[name] = {**common.summarize(times[name]), 'images_per_s': batch / med,
-                     'cpu_s_median': statistics.median(cpu[name]), **info[name]}
+                     'cpu_s_median': statistics.median(cpu[name]),
+                     'page_faults_median': statistics.median(faults[name]), **info[name]}
   ratios = {f'jmm/{name}': results[name]['median_s'] / results['jmm']['median_s']
             for name in results if name != 'jmm'}
   return {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'size': size_name, **size,
@@ -235,10 +240,10 @@ def format_record(r: dict) -> str:
   lines = [f'{r["size"]} towers (width {r["width"]}, depth {r["depth"]}, {r["res"]} px, {r["text_len"]} tokens), '
            f'batch {r["batch"]}, {r["dtype"]}, {r["device"]} ({r["machine"]["cpu"]}, {r["machine"]["cpu_count"]} '
            f'cores), load {r["load_before"]} -> {r["load_after"]}',
-           f'{"side":10s} {"median s":>9s} {"min s":>7s} {"max s":>7s} {"img/s":>7s} {"cpu s":>7s} {"params M":>9s}']
+           f'{"side":10s} {"median s":>9s} {"min s":>7s} {"max s":>7s} {"img/s":>7s} {"cpu s":>7s} {"faults k":>8s} {"params M":>9s}']
   for name, s in r['sides'].items():
     lines.append(f'{name:10s} {s["median_s"]:9.3f} {s["min_s"]:7.3f} {s["max_s"]:7.3f} {s["images_per_s"]:7.2f} '
-                 f'{s["cpu_s_median"]:7.2f} {s["params"] / 1e6:9.2f}')
+                 f'{s["cpu_s_median"]:7.2f} {s.get("page_faults_median", 0) / 1e3:8.1f} {s["params"] / 1e6:9.2f}')
   for k, v in r['throughput_ratio'].items():
     lines.append(f'throughput {k}: {v:.3f}')
   for k, v in r['skipped'].items():
