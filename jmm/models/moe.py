@@ -18,7 +18,9 @@ whose 'expert' axis is larger than one, each device routes its own groups, excha
 with `jax.lax.all_to_all` over 'expert' inside `jax.shard_map`, applies its local experts and sends the results
 back. Dropless mode under expert parallelism uses the same exchange with capacity = group length (an expert can
 receive at most one assignment per token): it never drops and runs on CPU, with buffers of E x group-length rows
-where capacity mode has about capacity_factor x k x group-length.
+where capacity mode has about capacity_factor x k x group-length. `dispatch='ragged'` (dropless) sends instead
+exactly the routed rows with `jax.lax.ragged_all_to_all` (`_ragged_expert_parallel`); XLA's CPU backend lacks that
+collective, so on CPU (only) `ragged_exchange` emulates it with a padded all_to_all of the same result.
 
 Parameters: router [embed, experts]; fc_in_kernel [experts, embed, mlp], fc_in_bias [experts, mlp];
 fc_out_kernel [experts, mlp, embed], fc_out_bias [experts, embed]. Logical names put the expert dimension on the
@@ -42,6 +44,7 @@ from jmm.models import layers
 GATINGS = ('softmax_topk', 'topk_softmax')
 IMPLS = kernels.GMM_IMPLS  # Grouped matmul of the dropless path: 'auto' = ragged_dot on CPU, Pallas on GPU / TPU.
 DISPATCHES = ('capacity', 'ragged')
+EXCHANGES = ('auto', 'collective', 'emulated')  # How dispatch='ragged' moves rows: see `ragged_exchange`.
 TOWERS = ('image', 'text')
 BATCH_AXES = ('data', 'fsdp', 'expert')
 
@@ -207,6 +210,114 @@ def _expert_parallel(x, logits, w, *, groups, shards, k, capacity_factor, gating
   return fn(x, logits, *w)
 
 
+def _exclusive_cumsum(a, axis):
+  return jnp.cumsum(a, axis=axis) - a
+
+
+def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name, max_slice):
+  """`jax.lax.ragged_all_to_all` with one slice per peer, built from a padded `all_to_all` (for CPU, which lacks it).
+
+  Same arguments and result (the received slices written into `output` at the offsets the senders chose); each
+  slice travels padded to `max_slice` rows, a static bound on every send size, so [peers, max_slice, ...] moves.
+  """
+  peers, feature = input_offsets.shape[0], operand.shape[1:]
+  i = jnp.arange(max_slice, dtype=jnp.int32)
+  valid = i[None] < send_sizes[:, None]  # [peers, S]
+  rows = jnp.where(valid, input_offsets[:, None] + i[None], 0)
+  send = jnp.take(operand, rows.reshape(-1), axis=0).reshape((peers, max_slice) + feature)
+  send = jnp.where(valid.reshape(valid.shape + (1,) * len(feature)), send, jnp.zeros((), operand.dtype))
+  recv = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)  # [peers, S, ...]: row j of sender p's slice
+  where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # [peers]: where sender p writes here
+  dest = jnp.where(i[None] < recv_sizes[:, None], where[:, None] + i[None], output.shape[0]).reshape(-1)
+  # Slices never overlap: a scatter-add onto zeros places them, and its gradient is a gather.
+  placed = jnp.zeros_like(output).at[dest].add(recv.reshape((-1,) + feature), mode='drop')
+  written = jnp.zeros(output.shape[:1], jnp.int32).at[dest].add(1, mode='drop') > 0
+  return jnp.where(written.reshape(written.shape + (1,) * len(feature)), placed, output)
+
+
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name,
+                    max_slice, exchange='auto'):
+  """`jax.lax.ragged_all_to_all(operand, output, ...)` over `axis_name`, one slice per peer (see its docs).
+
+  output_offsets are offsets in the *receivers'* buffers. exchange: 'collective' (the XLA collective; GPU and TPU
+  run it, XLA's CPU backend does not implement it), 'emulated' (`_ragged_all_to_all_emulated`: the same result
+  from a padded all_to_all, `max_slice` rows per slice) or 'auto': chosen by the platform the computation is
+  lowered for (`jax.lax.platform_dependent`), the emulation on CPU only.
+  """
+  missing = jax.typeof(operand).mat.varying - jax.typeof(output).mat.varying
+  output = jax.lax.pcast(output, tuple(sorted(missing)), to='varying')  # The buffer must vary as the data does.
+  collective = lambda *a: jax.lax.ragged_all_to_all(*a, axis_name=axis_name)  # noqa: E731
+  emulated = lambda *a: _ragged_all_to_all_emulated(*a, axis_name=axis_name, max_slice=max_slice)  # noqa: E731
+  args = (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+  if exchange == 'collective':
+    return collective(*args)
+  if exchange == 'emulated':
+    return emulated(*args)
+  if exchange != 'auto':
+    raise ValueError(f'ragged_exchange: exchange must be one of {EXCHANGES}, got {exchange!r}')
+  return jax.lax.platform_dependent(*args, cpu=emulated, default=collective)
+
+
+def _ragged_expert_parallel(x, logits, w, *, groups, shards, k, gating, renormalize, activation, axes, impl,
+                            exchange):
+  """Dropless expert parallelism with `ragged_all_to_all`: x [B, L, D] split over the batch `axes`, experts over
+  'expert' (device d holds experts [d * E_local, (d + 1) * E_local)).
+
+  Per device: route its N tokens, sort the N * k (token, slot) rows by expert (so by owning device), share every
+  device's per-expert counts (an all_gather of [E] int32), send each device exactly its rows, sort the received
+  rows by local expert, grouped matmul, unsort and send them back to where they came from; combine. Only real rows
+  cross the network; the receive buffer is statically sized for the worst case, n * N * min(k, E_local) rows
+  (every peer's every token choosing this device's experts; a token picks k distinct experts), which is at most the
+  E * N rows the capacity-padded dropless exchange moves.
+  """
+  num_experts, n = logits.shape[-1], jax.sharding.get_abstract_mesh().shape['expert']
+  local = num_experts // n
+
+  def per_device(x, logits, w_in, b_in, w_out, b_out):
+    batch, length, width = x.shape
+    tokens = batch * length
+    weights, experts, probs = route(logits.reshape(tokens, num_experts), k, gating, renormalize)  # [N, k] [N, E]
+    perm, sizes = kernels.sort_by_expert(experts, num_experts)  # [N * k], [E]
+    xs = kernels.permute(x.reshape(tokens, width), perm, k)  # [N * k, D] grouped by expert, so by device.
+    me = jax.lax.axis_index('expert')
+    counts = jax.lax.all_gather(sizes, 'expert').reshape(n, n, local)  # [sender, receiver, local expert]
+    pair = jnp.sum(counts, axis=-1)  # [sender, receiver]: rows each sender sends each receiver.
+    send_at = _exclusive_cumsum(pair, 1)  # Where a sender's slice for each receiver starts in its xs.
+    recv_at = _exclusive_cumsum(pair, 0)  # Where it lands in the receiver's buffer: senders in order, packed.
+    bound = n * tokens * min(k, local)
+    exch = lambda a, out, *sizes: ragged_exchange(a, out, *sizes, axis_name='expert',  # noqa: E731
+                                                  max_slice=tokens * min(k, local), exchange=exchange)
+    recv = exch(xs, jnp.zeros((bound, width), xs.dtype), send_at[me], pair[me], recv_at[me], pair[:, me])
+    # The received rows: sender blocks, each sorted by local expert, then padding. Group them by local expert.
+    group_sizes = jnp.sum(counts[:, me], axis=0)  # [E_local]
+    if local == 1:  # One expert: the received rows are already one group.
+      rows, row_expert = recv, jnp.zeros((bound,), jnp.int32)
+    else:
+      segment = jnp.searchsorted(jnp.cumsum(counts[:, me].reshape(-1)), jnp.arange(bound), side='right')
+      row_expert = jnp.where(segment < n * local, segment % local, local).astype(jnp.int32)  # padding: local
+      rperm, _ = kernels.sort_by_expert(row_expert[:, None], local + 1)
+      rows, row_expert = kernels.permute(recv, rperm, 1), jnp.minimum(row_expert[rperm], local - 1)
+    h = kernels.grouped_matmul(rows, w_in, group_sizes, impl=impl) + b_in[row_expert]
+    h = layers.activation_fn(activation)(h)
+    y = kernels.grouped_matmul(h, w_out, group_sizes, impl=impl) + b_out[row_expert]  # [bound, D]
+    if local > 1:
+      y = kernels.unpermute(y, rperm, jnp.ones((bound, 1), y.dtype))
+    back = exch(y, jnp.zeros_like(xs), recv_at[:, me], pair[:, me], send_at[:, me], pair[me])  # [N * k, D]
+    out = kernels.unpermute(back, perm, weights).astype(x.dtype).reshape(batch, length, width)
+    local_groups = groups // shards
+    regroup = lambda a: a.reshape(local_groups, -1, a.shape[-1])  # noqa: E731
+    keep = jnp.ones((local_groups, tokens // local_groups, k), bool)
+    stats = jax.vmap(lambda l, p, g, e, m: _stats(l, p, g, e, m, num_experts))(
+        regroup(logits), regroup(probs), regroup(weights), regroup(experts), keep)
+    return out, stats
+
+  spec = P(axes)
+  stats_spec = {'aux_loss': spec, 'z_loss': spec, 'load': spec, 'dropped_fraction': spec}
+  fn = jax.shard_map(per_device, in_specs=(spec, spec) + (P('expert'),) * 4, out_specs=(spec, stats_spec))
+  return fn(x, logits, *w)
+
+
 def _mesh_axes():
   """(batch axes of the context mesh, their product, the 'expert' axis size); ((), 1, 1) outside a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -217,13 +328,20 @@ def _mesh_axes():
 
 
 def moe_mlp(x, logits, w, *, k, capacity_factor=2.0, gating='softmax_topk', renormalize=True, groups=0,
-            activation='gelu_tanh', impl='auto'):
+            activation='gelu_tanh', impl='auto', dispatch='capacity', exchange='auto'):
   """The MoE MLP on a batch: x [B, L, D], router logits [B, L, E], w = (w_in, b_in, w_out, b_out).
 
   Returns (out [B, L, D], stats) with stats averaged over routing groups: 'aux_loss', 'z_loss',
   'dropped_fraction' (scalars) and 'load' [E] (fraction of assignments per expert, before dropping).
-  Expert-parallel under a mesh with an 'expert' axis > 1 (when the batch splits evenly over its shards).
+  Expert-parallel under a mesh with an 'expert' axis > 1 (when the batch splits evenly over its shards):
+  dispatch 'capacity' exchanges capacity-padded buffers, 'ragged' (dropless only: capacity_factor 0) exactly the
+  routed rows (`_ragged_expert_parallel`; `exchange` as in `ragged_exchange`). Without expert parallelism both
+  dispatches are the same computation.
   """
+  if dispatch not in DISPATCHES:
+    raise ValueError(f'dispatch must be one of {DISPATCHES}, got {dispatch!r}')
+  if dispatch == 'ragged' and capacity_factor > 0:
+    raise ValueError(f"dispatch='ragged' is dropless: it needs capacity_factor=0, got {capacity_factor}")
   batch, length, width = x.shape
   axes, shards, expert_size = _mesh_axes()
   groups = groups or shards
@@ -231,8 +349,14 @@ def moe_mlp(x, logits, w, *, k, capacity_factor=2.0, gating='softmax_topk', reno
   if expert_size > 1 and batch % shards == 0 and groups % shards == 0 and batch % groups == 0:
     if num_experts % expert_size:
       raise ValueError(f'num_experts={num_experts} is not divisible by the mesh\'s expert axis ({expert_size})')
-    out, stats = _expert_parallel(x, logits, w, groups=groups, shards=shards, k=k, capacity_factor=capacity_factor,
-                                  gating=gating, renormalize=renormalize, activation=activation, axes=axes)
+    if dispatch == 'ragged':
+      out, stats = _ragged_expert_parallel(x, logits, w, groups=groups, shards=shards, k=k, gating=gating,
+                                           renormalize=renormalize, activation=activation, axes=axes, impl=impl,
+                                           exchange=exchange)
+    else:
+      out, stats = _expert_parallel(x, logits, w, groups=groups, shards=shards, k=k,
+                                    capacity_factor=capacity_factor, gating=gating, renormalize=renormalize,
+                                    activation=activation, axes=axes)
   else:
     groups = math.gcd(batch, groups)
     lg = logits.reshape(groups, -1, num_experts)  # [G, T, E]
@@ -285,7 +409,7 @@ class MoeMlp(nn.Module):
     logits = jnp.einsum('bld,de->ble', x.astype(jnp.float32), router.astype(jnp.float32))  # [B, L, E]
     out, stats = moe_mlp(x, logits, (w_in, b_in, w_out, b_out), k=self.k, capacity_factor=self.capacity_factor,
                          gating=self.gating, renormalize=self.renormalize, groups=self.groups,
-                         activation=self.activation, impl=self.impl)
+                         activation=self.activation, impl=self.impl, dispatch=self.dispatch)
     for name, value in stats.items():
       self.sow('moe', name, value)
     return out.astype(self.dtype)
@@ -385,9 +509,9 @@ def validate(config) -> None:
   for field, ok, expected in checks:
     if not ok:
       raise ConfigError(f'config.model.moe.{field}={moe[field]!r}: expected {expected}')
-  if moe['dispatch'] == 'ragged':
-    raise ConfigError("config.model.moe.dispatch='ragged' (ragged_all_to_all) is not implemented yet; "
-                      "use 'capacity' (capacity-padded all_to_all, every platform)")
+  if moe['dispatch'] == 'ragged' and moe['capacity_factor'] > 0:
+    raise ConfigError(f"config.model.moe.dispatch='ragged' exchanges exactly the routed rows and drops nothing: it "
+                      f"needs capacity_factor=0 (dropless), got {moe['capacity_factor']}; or use dispatch='capacity'")
   towers = tower_names(moe)
   bad = [t for t in towers if t not in TOWERS]
   if bad or not towers:
