@@ -57,7 +57,8 @@ def base_config(arg) -> ml_collections.ConfigDict:
   # Mixture of experts (jmm/models/moe.py, configs/clip_up.py): num_experts=0 is the dense model. Fields: k (top-k),
   # layers ('every_other' = blocks 1, 3, ...; 'all'; 'last_n:N'; '1,3'), towers, capacity_factor (0 = dropless),
   # gating ('softmax_topk' | 'topk_softmax'), renormalize, loss weights, groups (routing groups; 0 = one per batch
-  # shard), impl (grouped matmul), dispatch (expert parallelism: 'capacity' = padded all_to_all).
+  # shard), impl (grouped matmul), dispatch (expert parallelism: 'capacity' = padded all_to_all;
+  # 'ragged' = ragged_all_to_all with capacity_factor=0, emulated on CPU).
   c.model.moe = dict(num_experts=0, k=2, layers='every_other', towers='image,text', capacity_factor=2.0,
                      gating='softmax_topk', renormalize=True, aux_loss_weight=0.01, z_loss_weight=1e-3, groups=0,
                      impl='auto', dispatch='capacity')
