@@ -10,7 +10,8 @@ cross-attention: a query sees only keys with its id, for packed sequences). The 
 mask; the Pallas flash kernels apply them blockwise and skip fully masked causal blocks.
 
 Implementations (`config.attention_impl`):
-  'xla'        jax.nn.dot_product_attention's XLA path (the default; materialises [B, H, Tq, Tk] logits).
+  'xla'        plain XLA ops with a hand-written VJP (the default; materialises [B, H, Tq, Tk] logits and
+               saves the probabilities for the backward; `_softmax_attention`). Any backend and dtype.
   'cudnn'      cuDNN fused attention via jax.nn.dot_product_attention; NVIDIA GPUs, bf16 / fp16.
   'pallas'     the Pallas flash kernel for `jax.default_backend()`: Triton on GPU, Mosaic on TPU, and on CPU
                the Triton kernel in interpret mode (exact but slow: for tests). No dense `mask`.
@@ -83,9 +84,55 @@ def reference_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids
 
 
 def _xla_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
-  """jax.nn.dot_product_attention's XLA path: one einsum each side of an fp32 softmax; fuses well on CPU/TPU."""
-  mask = _with_causal_and_segments(mask, q.shape[1], k.shape[1], q.shape[0], False, segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='xla')
+  """Plain XLA ops in heads-major layout with a hand-written VJP (see `_softmax_attention`); runs everywhere."""
+  mask = _with_causal_and_segments(mask, q.shape[1], k.shape[1], q.shape[0], causal, segment_ids)
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] <-> [B, H, T, D]  # noqa: E731
+  out = _softmax_attention(heads_major(q), heads_major(k), heads_major(v), None if mask is None else _mask_4d(mask))
+  return heads_major(out)
+
+
+@jax.custom_vjp
+def _softmax_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(D)) v on heads-major q [B, H, Tq, D], k, v [B, H, Tk, D]; mask bool ~[B, H, Tq, Tk].
+
+  Logits and softmax in float32 (as `reference_attention` and jax.nn.dot_product_attention). The VJP is written
+  out rather than left to autodiff: the forward saves the probabilities P once, and the backward takes the
+  softmax correction from rowsum(dO * O) ([B, H, Tq, D], as flash attention does) instead of rowsum(dP * P)
+  ([B, H, Tq, Tk]), so it makes fewer passes over the [Tq, Tk] tensors. Heads-major operands keep every matmul a
+  plain batched matmul with no layout copies between them. Per ViT-S/16 layer (batch 16, fwd + bwd) on the
+  2-core CPU: 38-50 ms against 45-57 ms for jax.nn.dot_product_attention's XLA path (PyTorch's fused CPU
+  kernel: 30-39 ms); same matmul FLOPs.
+  """
+  return _softmax_attention_fwd(q, k, v, mask)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask):
+  scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, _large_negative())
+  probs = jax.nn.softmax(logits, axis=-1)  # float32 [B, H, Tq, Tk]
+  out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
+  return out, (q, k, v, mask, probs, out)
+
+
+def _softmax_attention_bwd(residuals, d_out):
+  q, k, v, mask, probs, out = residuals
+  scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+  d_v = jnp.einsum('bhqk,bhqd->bhkd', probs.astype(d_out.dtype), d_out)
+  d_probs = jnp.einsum('bhqd,bhkd->bhqk', d_out, v, preferred_element_type=jnp.float32)
+  # rowsum(P * dP) = rowsum(dO * O), since O = P V: the same correction from a D-wide instead of a Tk-wide sum.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = probs * (d_probs - delta)
+  if mask is not None:  # Masked logits get no gradient (matters only for fully masked rows, where P is uniform).
+    d_logits = jnp.where(mask, d_logits, 0.0)
+  d_logits = (d_logits * scale).astype(q.dtype)
+  d_q = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
+  d_k = jnp.einsum('bhqk,bhqd->bhkd', d_logits, q)
+  return d_q, d_k, d_v.astype(v.dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _cudnn_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=None):
