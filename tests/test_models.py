@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jmm.kernels import attention as attention_lib
 from jmm.models import layers
 from jmm.models import text as text_lib
 from jmm.models import two_tower
@@ -338,3 +339,31 @@ def test_layer_norm_keeps_flax_param_names(small_init):
   """Checkpoints and the converters address LayerNorm parameters as 'scale' and 'bias' (as flax's)."""
   block = small_init['img']['encoder']['encoderblock_0']
   assert set(block['ln_attn']) == {'scale', 'bias'} and set(block['ln_mlp']) == {'scale', 'bias'}
+
+
+def test_attention_projections_initialise_and_compute_as_dense_layers():
+  # MultiHeadAttention makes q/k/v as one stacked matmul, but its params are those of separate DenseGeneral
+  # layers: same names, shapes and initial values (flat xavier fans), and the same outputs.
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  kv = jax.random.normal(jax.random.key(2), (2, 7, 32))
+  mha, ref = layers.MultiHeadAttention(num_heads=4), _DenseProjectionAttention(num_heads=4)
+  p = mha.init(jax.random.key(0), x)
+  want = ref.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(p), nn.unbox(want))
+  for inputs in ((x,), (x, kv)):
+    np.testing.assert_allclose(mha.apply(p, *inputs), ref.apply(p, *inputs), rtol=1e-6, atol=1e-6)
+
+
+class _DenseProjectionAttention(nn.Module):
+  """The unfused formulation: q, k and v each a DenseGeneral (`layers.dense`) of its own."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, xq, xkv=None):
+    xkv = xq if xkv is None else xkv
+    width = xq.shape[-1]
+    proj = lambda name, x: layers.dense((self.num_heads, width // self.num_heads), ('embed', 'heads', 'kv'),
+                                        ('heads', 'kv'), name=name)(x)
+    q, k, v = proj('query', xq), proj('key', xkv), proj('value', xkv)
+    out = attention_lib.reference_attention(q, k, v)
+    return layers.dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out')(out)

@@ -111,11 +111,14 @@ def _logit_scale(head_dim: int) -> np.float32:
 
 
 def _softmax_attention_fwd(q, k, v, mask):
-  scale = _logit_scale(q.shape[-1])
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)  # Unscaled.
   if mask is not None:
     logits = jnp.where(mask, logits, _large_negative())
-  probs = jax.nn.softmax(logits, axis=-1)  # float32 [B, H, Tq, Tk]
+  # softmax(scale * logits) with the scale applied after the row max (scale > 0): the raw logits feed two ops, so
+  # XLA:CPU fuses no element-wise op into the dot (oneDNN matmuls take fusions of one dot only; cpu_matmuls.py).
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalised = jnp.exp((logits - row_max) * _logit_scale(q.shape[-1]))
+  probs = unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)  # float32 [B, H, Tq, Tk]
   out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
   return out, (q, k, v, mask, probs, out)
 

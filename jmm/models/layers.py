@@ -184,11 +184,43 @@ class MlpBlock(nn.Module):
     return dense(width, ('mlp', 'embed'), ('embed',), name='fc_out', **kw)(h)  # [B, T, width]
 
 
+class _ProjectionParams(nn.Module):
+  """The kernel [width, heads, head_dim] and bias [heads, head_dim] of one q/k/v projection, created exactly as
+  `dense` (a DenseGeneral) creates them: same names, same flat xavier initialisation, same logical axes. The
+  parent applies them, so several projections of one input can run as one matmul."""
+  features: tuple[int, int]
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, width):
+    def flat_xavier(rng, shape, dtype):  # DenseGeneral's fans: (width, heads * head_dim).
+      return xavier(rng, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
+    kernel = self.param('kernel', partitioned(flat_xavier, ('embed', 'heads', 'kv')), (width, *self.features),
+                        self.param_dtype)
+    bias = self.param('bias', partitioned(zeros, ('heads', 'kv')), self.features, self.param_dtype)
+    return kernel, bias
+
+
+def _project(x, params, dtype):
+  """x [B, T, width] times the stacked kernels of `params` ((kernel, bias) pairs): one matmul
+  [B*T, width] x [width, n * heads * head_dim] whatever n is; returns the n projections, each [B, T, H, D].
+
+  One matmul instead of n: a larger GEMM, and the backward pass computes dx as one matmul rather than a sum of n,
+  which XLA would otherwise fuse into one multi-dot kernel. Stacking on a new axis (not concatenating heads) keeps
+  each kernel's 'heads' sharding: no resharding under tensor parallelism.
+  """
+  kernel = jnp.stack([k for k, _ in params], axis=1).astype(dtype)  # [width, n, H, D]
+  bias = jnp.stack([b for _, b in params], axis=0).astype(dtype)    # [n, H, D]
+  y = jnp.einsum('btw,wnhd->btnhd', x.astype(dtype), kernel) + bias
+  return [y[:, :, i] for i in range(len(params))]
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head (self or cross) attention: q/k/v projections, `kernels.attention`, output projection.
 
-  q, k and v are DenseGeneral projections to [heads, head_dim], so each is one matmul and the kernel receives
-  [batch, length, heads, head_dim] without a transpose.
+  q, k and v are projections to [heads, head_dim] (params 'query', 'key', 'value', each a DenseGeneral-style
+  kernel and bias), so the kernel receives [batch, length, heads, head_dim] without a transpose. Projections of
+  the same input run as one matmul (`_project`): q, k and v together in self-attention, k and v in cross-attention.
   """
   num_heads: int
   qkv_features: int | None = None  # Total q/k/v width; defaults to the input width.
@@ -202,21 +234,24 @@ class MultiHeadAttention(nn.Module):
 
     causal / segment_ids go to the kernel as such (see `kernels.attention`), so flash kernels need no dense mask.
     """
+    self_attention = inputs_kv is None or inputs_kv is inputs_q
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     width = inputs_q.shape[-1]
     features = self.qkv_features or width
     if features % self.num_heads:
       raise ValueError(f'attention width {features} is not divisible by num_heads={self.num_heads}')
     head_dim = features // self.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    proj = lambda name: dense((self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
-                              name=name, **kw)
-    q = proj('query')(inputs_q)   # [B, Tq, H, D]
-    k = proj('key')(inputs_kv)    # [B, Tk, H, D]
-    v = proj('value')(inputs_kv)  # [B, Tk, H, D]
+    proj = lambda name, x: _ProjectionParams((self.num_heads, head_dim), self.param_dtype, name=name)(x.shape[-1])
+    pq, pk, pv = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
+    if self_attention:
+      q, k, v = _project(inputs_q, [pq, pk, pv], self.dtype)  # each [B, T, H, D]
+    else:
+      q, = _project(inputs_q, [pq], self.dtype)
+      k, v = _project(inputs_kv, [pk, pv], self.dtype)
     out = attention_lib.dot_product_attention(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids,
                                               impl=self.attention_impl)  # [B, Tq, H, D]
-    return dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out', **kw)(out)
+    return dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out', dtype=self.dtype,
+                 param_dtype=self.param_dtype)(out)
 
 
 class Encoder1DBlock(nn.Module):
