@@ -173,13 +173,17 @@ def synthetic_batch(config, batch_size: int, vocab_size: int, seed: int = 0) -> 
           'text': jnp.asarray(rng.integers(0, vocab_size, size=(batch_size, text_len)), jnp.int32)}
 
 
-def build_train_step(config, vocab_size: int, batch_size: int):
+def build_train_step(config, vocab_size: int, batch_size: int, *, with_info: bool = False):
   """The real jmm training step of `config` (jmm.train's model, optimizer, objective), its state and a batch.
 
-  Returns (train_step, state, batch, model). The step is jmm.train.make_train_step's jitted function, so the
-  benchmark times exactly what training runs, minus the input pipeline.
+  Returns (train_step, state, batch, model). The step is jmm.train.make_train_step's jitted function with the
+  XLA options training uses (`config.cpu_matmuls`: oneDNN matmuls on CPU, checked as jmm.train checks them), so
+  the benchmark times exactly what training runs, minus the input pipeline. with_info: a fifth element,
+  {'matmuls': 'onednn' or 'xla', 'check_compile_s': seconds spent compiling here (the oneDNN check compiles the
+  step once; a later `.lower(...).compile()` of the same step is then a cache hit)}.
   """
   from jmm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jmm import cpu_matmuls  # pylint: disable=g-import-not-at-top
   from jmm import optim  # pylint: disable=g-import-not-at-top
   from jmm import train  # pylint: disable=g-import-not-at-top
   objective = config_lib.lookup('objectives', config.objective)
@@ -187,8 +191,13 @@ def build_train_step(config, vocab_size: int, batch_size: int):
   params, _ = train.init_params(model, config, config.seed)
   tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros([], jnp.int32)}
-  step = train.make_train_step(model, tx, schedule, objective, config.loss)
-  return step, state, synthetic_batch(config, batch_size, vocab_size), model
+  batch = synthetic_batch(config, batch_size, vocab_size)
+  start = time.perf_counter()
+  step, onednn = cpu_matmuls.checked_jit(
+      lambda options: train.make_train_step(model, tx, schedule, objective, config.loss, compiler_options=options),
+      cpu_matmuls.compiler_options(config.get('cpu_matmuls', 'auto')), state, batch)
+  info = {'matmuls': 'onednn' if onednn else 'xla', 'check_compile_s': time.perf_counter() - start}
+  return (step, state, batch, model, info) if with_info else (step, state, batch, model)
 
 
 def lower_train_step(config, vocab_size: int, batch_size: int):

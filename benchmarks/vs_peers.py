@@ -73,7 +73,7 @@ def make_jmm(size: dict, batch: int):
   import jax  # pylint: disable=g-import-not-at-top
   from jmm import flops as flops_lib  # pylint: disable=g-import-not-at-top
   config = jmm_config(size, batch)
-  step, state, data, _ = common.build_train_step(config, size['vocab'], batch)
+  step, state, data, _, build_info = common.build_train_step(config, size['vocab'], batch, with_info=True)
   compiled = step.lower(state, data).compile()
   holder = {'state': state}
 
@@ -83,7 +83,7 @@ def make_jmm(size: dict, batch: int):
 
   params = sum(x.size for x in jax.tree.leaves(holder['state']['params']))
   return run, {'params': int(params), 'train_flops': flops_lib.model_flops(config, batch)['train_step'],
-               'jax': jax.__version__, 'device': jax.devices()[0].device_kind}
+               'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'matmuls': build_info['matmuls']}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ _CHOICES = {
     'data.transform': ('resize', 'resize_crop', 'random_resized_crop'),
     'attention_impl': ('xla', 'cudnn', 'pallas', 'auto', 'reference'),
     'host_malloc': ('auto', 'tuned', 'default'),
+    'cpu_matmuls': ('auto', 'onednn', 'xla'),
 }
 
 

@@ -6,6 +6,7 @@ resumes from the newest checkpoint, data iterator included, so a preempted run c
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import optax
 
 from jmm import checkpoint as ckpt_lib
 from jmm import config as config_lib
+from jmm import cpu_matmuls
 from jmm import metrics as metrics_lib
 from jmm import optim
 from jmm import parallel
@@ -198,13 +200,14 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
 
 
 def make_train_step(model, tx, schedule, objective, loss_config, *, state_shardings=None, mesh=None,
-                    axis_rules=parallel.LOGICAL_RULES, moe_config=None):
+                    axis_rules=parallel.LOGICAL_RULES, moe_config=None, compiler_options=None):
   """The jitted step: forward, objective, backward, optimizer update. `state` is donated.
 
   With `state_shardings` and `mesh` the step is compiled for them (batch split over the mesh's batch axes,
   metrics replicated) and the activations follow the logical-axis rules; without, it is a plain jit.
   moe_config (`config.model.moe` with num_experts > 0): the MoE layers' weighted load-balance and z losses are
   added to the objective's ('loss' is the sum; 'contrastive_loss' the objective's alone) and logged ('moe/...').
+  compiler_options: XLA options the step is compiled with (`jmm.cpu_matmuls`: oneDNN matmuls on CPU).
   """
   use_moe = bool(moe_config and moe_config.get('num_experts'))
   def train_step(state, batch):
@@ -227,10 +230,11 @@ def make_train_step(model, tx, schedule, objective, loss_config, *, state_shardi
     metrics = {**metrics, 'lr': schedule(state['step']), 'grad_norm': optax.tree.norm(grads)}
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
+  jit = functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options or None)
   if state_shardings is None or mesh is None:
-    return jax.jit(train_step, donate_argnums=0)
-  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)))
+    return jit(train_step)
+  return jit(train_step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+             out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,8 +288,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data_iter.set_state(data_state)
     print(f'resumed from checkpoint at step {start_step}', flush=True)
 
-  train_step = make_train_step(model, tx, schedule, objective, config.loss, state_shardings=state_shardings,
-                               mesh=mesh, axis_rules=axis_rules, moe_config=config.model.get('moe'))
+  def make_step(compiler_options):
+    return make_train_step(model, tx, schedule, objective, config.loss, state_shardings=state_shardings,
+                           mesh=mesh, axis_rules=axis_rules, moe_config=config.model.get('moe'),
+                           compiler_options=compiler_options)
+  matmul_options = cpu_matmuls.compiler_options(config.get('cpu_matmuls', 'auto'))
+  train_step = None  # Built at the first batch: oneDNN matmuls are checked on the compiled step (cpu_matmuls).
   embed_fns = make_embed_fns(model, mesh)
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
   progress = metrics_lib.Progress(total_steps, batch_size, start_step)
@@ -306,7 +314,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # Host-side counters from the input pipeline (bad records skipped, per source): summed, logged.
       for name, count in (batch.pop('data_stats', None) or {}).items():
         data_stats[name] = data_stats.get(name, 0) + int(np.sum(count))
-      state, metrics = train_step(state, parallel.global_batch(batch, mesh))
+      global_batch = parallel.global_batch(batch, mesh)
+      if train_step is None:
+        t0 = time.perf_counter()
+        train_step, onednn = cpu_matmuls.checked_jit(make_step, matmul_options, state, global_batch)
+        if onednn:
+          print(f'train step compiled with oneDNN matmuls in {time.perf_counter() - t0:.1f} s', flush=True)
+      state, metrics = train_step(state, global_batch)
 
       if step % config.log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
