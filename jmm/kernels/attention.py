@@ -116,7 +116,7 @@ def _softmax_attention_fwd(q, k, v, mask):
     logits = jnp.where(mask, logits, _large_negative())
   # softmax(scale * logits) with the scale applied after the row max (scale > 0): the raw logits feed two ops, so
   # XLA:CPU fuses no element-wise op into the dot (oneDNN matmuls take fusions of one dot only; cpu_matmuls.py).
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
   unnormalised = jnp.exp((logits - row_max) * _logit_scale(q.shape[-1]))
   probs = unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)  # float32 [B, H, Tq, Tk]
   out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
