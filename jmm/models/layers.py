@@ -26,6 +26,7 @@ bias zero. Parameters live in `param_dtype`; compute runs in `dtype` (e.g. bfloa
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -78,6 +79,47 @@ def dense(features, kernel_names, bias_names, *, axis=-1, dtype=jnp.float32, par
   return nn.DenseGeneral(
       features=features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
       kernel_init=partitioned(kernel_init, kernel_names), bias_init=partitioned(zeros, bias_names))
+
+
+class DenseParams(nn.Module):
+  """The kernel [*in_shape, *features] and bias [*features] of a dense layer, created exactly as `dense` (an
+  nn.DenseGeneral) creates them: names 'kernel' and 'bias', xavier on the flat (fan_in, fan_out) shape, zero
+  bias, logical axis names. The caller applies them (`token_matmul`), so parameters and checkpoints are those
+  of a DenseGeneral while the matmul is written the way XLA compiles best."""
+  in_shape: tuple[int, ...]
+  features: tuple[int, ...]
+  kernel_names: tuple[str, ...]
+  bias_names: tuple[str, ...]
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    fans = (math.prod(self.in_shape), math.prod(self.features))
+
+    def flat_xavier(rng, shape, dtype):
+      return xavier(rng, fans, dtype).reshape(shape)
+    kernel = self.param('kernel', partitioned(flat_xavier, self.kernel_names), (*self.in_shape, *self.features),
+                        self.param_dtype)
+    bias = self.param('bias', partitioned(zeros, self.bias_names), self.features, self.param_dtype)
+    return kernel, bias
+
+
+def token_matmul(x, kernel, bias, n_in: int = 1, dtype=jnp.float32):
+  """x [batch, tokens, *in] (the last `n_in` axes contracted) times kernel [*in, *out], plus bias [*out].
+
+  Why this shape. The matmul runs on 2-D operands, [batch * tokens, prod(in)] x [prod(in), prod(out)]. Its
+  weight gradient is then a dot with one contracting axis, which XLA:CPU computes from both operands in place;
+  with [batch, tokens] (or [heads, head_dim] outputs) as separate axes it first makes a transposed copy of the
+  output gradient (19 MB for a ViT-S/16 block's MLP at batch 16). The bias is added after the matmul's output is
+  reshaped, so XLA fuses it into the next element-wise op instead of into the matmul (where oneDNN needs a
+  materialised [batch * tokens, out] broadcast of it). Same numbers as a DenseGeneral; the reshapes are free
+  (row-major bitcasts) and the batch axis stays the major part of the merged one, sharding included.
+  """
+  lead, in_shape = x.shape[:-n_in], x.shape[x.ndim - n_in:]
+  out_shape = kernel.shape[n_in:]
+  x2 = x.astype(dtype).reshape(math.prod(lead), math.prod(in_shape))
+  y = x2 @ kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+  return y.reshape(*lead, *out_shape) + bias.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -177,41 +219,25 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):  # x: [batch, tokens, width]
     width = x.shape[-1]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.mlp_dim, ('embed', 'mlp'), ('mlp',), name='fc_in', **kw)(x)  # [B, T, mlp]
+    fc_in = DenseParams((width,), (self.mlp_dim,), ('embed', 'mlp'), ('mlp',), self.param_dtype, name='fc_in')()
+    fc_out = DenseParams((self.mlp_dim,), (width,), ('mlp', 'embed'), ('embed',), self.param_dtype, name='fc_out')()
+    h = token_matmul(x, *fc_in, dtype=self.dtype)  # [B, T, mlp]; params as nn.DenseGeneral's (`dense`).
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     h = activation_fn(self.activation)(h)  # Default: tanh approximation, as flax / big_vision.
-    return dense(width, ('mlp', 'embed'), ('embed',), name='fc_out', **kw)(h)  # [B, T, width]
-
-
-class _ProjectionParams(nn.Module):
-  """The kernel [width, heads, head_dim] and bias [heads, head_dim] of one q/k/v projection, created exactly as
-  `dense` (a DenseGeneral) creates them: same names, same flat xavier initialisation, same logical axes. The
-  parent applies them, so several projections of one input can run as one matmul."""
-  features: tuple[int, int]
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, width):
-    def flat_xavier(rng, shape, dtype):  # DenseGeneral's fans: (width, heads * head_dim).
-      return xavier(rng, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
-    kernel = self.param('kernel', partitioned(flat_xavier, ('embed', 'heads', 'kv')), (width, *self.features),
-                        self.param_dtype)
-    bias = self.param('bias', partitioned(zeros, ('heads', 'kv')), self.features, self.param_dtype)
-    return kernel, bias
+    return token_matmul(h, *fc_out, dtype=self.dtype)  # [B, T, width]
 
 
 def _project(x, params, dtype):
-  """x [B, T, width] times the stacked kernels of `params` ((kernel, bias) pairs): one matmul
-  [B*T, width] x [width, n * heads * head_dim] whatever n is; returns the n projections, each [B, T, H, D].
+  """x [B, T, width] times the stacked kernels of `params` ((kernel [width, H, D], bias [H, D]) pairs): one
+  `token_matmul` [B*T, width] x [width, n * H * D] whatever n is; returns the n projections, each [B, T, H, D].
 
   One matmul instead of n: a larger GEMM, and the backward pass computes dx as one matmul rather than a sum of n,
   which XLA would otherwise fuse into one multi-dot kernel. Stacking on a new axis (not concatenating heads) keeps
   each kernel's 'heads' sharding: no resharding under tensor parallelism.
   """
-  kernel = jnp.stack([k for k, _ in params], axis=1).astype(dtype)  # [width, n, H, D]
-  bias = jnp.stack([b for _, b in params], axis=0).astype(dtype)    # [n, H, D]
-  y = jnp.einsum('btw,wnhd->btnhd', x.astype(dtype), kernel) + bias
+  kernel = jnp.stack([k for k, _ in params], axis=1)  # [width, n, H, D]
+  bias = jnp.stack([b for _, b in params], axis=0)    # [n, H, D]
+  y = token_matmul(x, kernel, bias, dtype=dtype)      # [B, T, n, H, D]
   return [y[:, :, i] for i in range(len(params))]
 
 
@@ -241,7 +267,8 @@ class MultiHeadAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f'attention width {features} is not divisible by num_heads={self.num_heads}')
     head_dim = features // self.num_heads
-    proj = lambda name, x: _ProjectionParams((self.num_heads, head_dim), self.param_dtype, name=name)(x.shape[-1])
+    proj = lambda name, x: DenseParams((x.shape[-1],), (self.num_heads, head_dim), ('embed', 'heads', 'kv'),  # noqa: E731
+                                       ('heads', 'kv'), self.param_dtype, name=name)()
     pq, pk, pv = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
     if self_attention:
       q, k, v = _project(inputs_q, [pq, pk, pv], self.dtype)  # each [B, T, H, D]
@@ -250,8 +277,9 @@ class MultiHeadAttention(nn.Module):
       k, v = _project(inputs_kv, [pk, pv], self.dtype)
     out = attention_lib.dot_product_attention(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids,
                                               impl=self.attention_impl)  # [B, Tq, H, D]
-    return dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out', dtype=self.dtype,
-                 param_dtype=self.param_dtype)(out)
+    out_params = DenseParams((self.num_heads, head_dim), (width,), ('heads', 'kv', 'embed'), ('embed',),
+                             self.param_dtype, name='out')()
+    return token_matmul(out, *out_params, n_in=2, dtype=self.dtype)  # [B, Tq, width]
 
 
 class Encoder1DBlock(nn.Module):
