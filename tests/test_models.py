@@ -367,3 +367,55 @@ class _DenseProjectionAttention(nn.Module):
     q, k, v = proj('query', xq), proj('key', xkv), proj('value', xkv)
     out = attention_lib.reference_attention(q, k, v)
     return layers.dense(width, ('heads', 'kv', 'embed'), ('embed',), axis=(-2, -1), name='out')(out)
+
+
+class _DenseGeneralMlp(nn.Module):
+  """The MLP as two flax DenseGeneral layers (`layers.dense`) on [batch, tokens, width]: the reference layout."""
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = layers.dense(self.mlp_dim, ('embed', 'mlp'), ('mlp',), name='fc_in')(x)
+    return layers.dense(x.shape[-1], ('mlp', 'embed'), ('embed',), name='fc_out')(nn.gelu(h, approximate=True))
+
+
+def test_mlp_block_has_dense_general_params_outputs_and_gradients():
+  # MlpBlock runs its matmuls on [batch * tokens, width] (`layers.token_matmul`) but must stay a pair of
+  # DenseGeneral layers to checkpoints and converters: same names, shapes, initial values, outputs and gradients.
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16))
+  mlp, ref = layers.MlpBlock(mlp_dim=24), _DenseGeneralMlp(mlp_dim=24)
+  p = nn.unbox(mlp.init(jax.random.key(0), x))
+  jax.tree.map(np.testing.assert_array_equal, p, nn.unbox(ref.init(jax.random.key(0), x)))
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape), p)  # Non-zero biases.
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+  got, want = jax.grad(loss(mlp), (0, 1))(p, x), jax.grad(loss(ref), (0, 1))(p, x)
+  np.testing.assert_allclose(mlp.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_mlp_weight_gradient_reads_its_operands_in_place_on_cpu():
+  # The point of token_matmul: XLA:CPU computes dW = x^T dh without a transposed copy of the [batch * tokens,
+  # mlp] gradient (it makes one when batch and tokens are separate contracting axes).
+  if jax.default_backend() != 'cpu':
+    pytest.skip('XLA:CPU layout behaviour')
+  batch, tokens, width, mlp_dim = 4, 6, 8, 40
+  x = jnp.ones((batch, tokens, width))
+  mlp = layers.MlpBlock(mlp_dim=mlp_dim)
+  p = mlp.init(jax.random.key(0), x)
+  hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(mlp.apply(p, x) ** 2))).lower(p, x).compile().as_text()
+  transposed = f'f32[{mlp_dim},{batch * tokens}]'
+  assert transposed not in hlo, f'a transposed copy {transposed} of the MLP gradient is back'
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_add_position_embedding_matches_autodiff(dtype):
+  x = jax.random.normal(jax.random.key(0), (5, 7, 6)).astype(dtype)
+  pos = jax.random.normal(jax.random.key(1), (7, 6)).astype(dtype)
+  dy = jax.random.normal(jax.random.key(2), (5, 7, 6)).astype(dtype)
+  got, got_vjp = jax.vjp(layers.add_position_embedding, x, pos)
+  want, want_vjp = jax.vjp(lambda x, p: x + p[None], x, pos)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  for a, b in zip(got_vjp(dy), want_vjp(dy)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)

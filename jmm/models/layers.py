@@ -122,6 +122,30 @@ def token_matmul(x, kernel, bias, n_in: int = 1, dtype=jnp.float32):
   return y.reshape(*lead, *out_shape) + bias.astype(dtype)
 
 
+@jax.custom_vjp
+def add_position_embedding(x, posemb):
+  """x [batch, tokens, width] + posemb [tokens, width] (the same table for every example).
+
+  The gradient of the table is the output gradient summed over the batch, computed here as a matmul with a ones
+  vector instead of a reduction over the leading axis: XLA:CPU reduces over a short major axis with a strided loop,
+  12 ms for [16, 196, 384] against 1-2 ms as a dot (27 ms inside a ViT-S/16 step at batch 16). HIGHEST precision
+  keeps the sum in float32 on TPU (whose default float32 dot rounds operands to bf16).
+  """
+  return x + posemb[None]
+
+
+def _add_position_embedding_fwd(x, posemb):
+  return x + posemb[None], None
+
+
+def _add_position_embedding_bwd(_, dy):
+  ones = jnp.ones((dy.shape[0],), dy.dtype)
+  return dy, jnp.einsum('b,btd->td', ones, dy, precision=jax.lax.Precision.HIGHEST)
+
+
+add_position_embedding.defvjp(_add_position_embedding_fwd, _add_position_embedding_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm_fn(x, scale, bias, epsilon: float = 1e-6):
   """LayerNorm over the last axis with a hand-written gradient: (x - mean) / sqrt(var + eps) * scale + bias.

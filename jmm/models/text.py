@@ -57,7 +57,7 @@ class TextTransformer(nn.Module):
     x = jnp.take(table.astype(self.dtype), text, axis=0)  # [B, L, D]
     posemb = self.param('pos_embedding', layers.partitioned(embed_init, ('length', 'embed')),
                         (length, self.width), self.param_dtype)
-    x = x + posemb.astype(self.dtype)[None]
+    x = layers.add_position_embedding(x, posemb.astype(self.dtype))
     # causal: passed as such (not as a dense [L, L] mask) so flash kernels can skip the masked blocks.
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
                        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,

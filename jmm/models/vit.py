@@ -121,12 +121,12 @@ class ViT(nn.Module):
                                                             ('length', 'embed')),
                         (num_pos, width), self.param_dtype)
     if not self.cls_posemb:
-      x = x + posemb.astype(self.dtype)[None]
+      x = layers.add_position_embedding(x, posemb.astype(self.dtype))
     if self.pool_type == 'tok':
       cls = self.param('cls', layers.partitioned(layers.zeros, ('embed',)), (width,), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
     if self.cls_posemb:
-      x = x + posemb.astype(self.dtype)[None]  # [B, 1 + tokens, D]
+      x = layers.add_position_embedding(x, posemb.astype(self.dtype))  # [B, 1 + tokens, D]
     if self.ln_pre:
       x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
