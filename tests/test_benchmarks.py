@@ -74,3 +74,50 @@ def test_vs_peers_tiny(tmp_path):
         'jmm']['params']
     ratio = record['throughput_ratio']['jmm/hf']
     assert ratio == pytest.approx(record['sides']['hf']['median_s'] / record['sides']['jmm']['median_s'])
+
+
+def test_profile_step_attributes_the_step_to_ops(tmp_path):
+  out = tmp_path / 'profile.json'
+  stdout = _run(['benchmarks/profile_step.py', '--size=tiny', '--batch=4', '--steps=1', '--top=5',
+                 f'--profile_out={out}'], tmp_path)
+  record = json.loads(out.read_text())
+  # Every op of the step is found in the trace and in the optimised HLO: matmuls and fusions, forward and
+  # backward of both towers, with shares that add up to the op time.
+  assert record['op_seconds'] > 0 and 0 < record['covered_s'] <= record['wall_s'] * 1.05
+  assert sum(record['by_category'].values()) == pytest.approx(record['op_seconds'], rel=1e-6)
+  assert any('dot' in c for c in record['by_category']), record['by_category']
+  parts = set(record['by_part'])
+  assert {'fwd mlp', 'bwd mlp', 'fwd attention', 'bwd attention', 'optimizer'} <= parts, parts
+  assert len(record['top_ops']) == 5 and all(op['seconds'] > 0 and op['shape'] for op in record['top_ops'])
+  assert '| op kind |' in stdout and 'busy threads' in stdout
+
+
+def test_profile_step_parses_hlo_categories():
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  hlo = '''HloModule m
+
+%fused_dot (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_copy (p0: f32[4,8]) -> f32[8,4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[8,4]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %copy_fusion = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_copy, metadata={op_name="jit(f)/transpose(jvp(TwoTower))/img/mlp/x"}
+  ROOT %onednn_fusion = f32[4,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(f)/jvp(TwoTower)/img/attn/dot_general"}, backend_config={"fusion_config":{"kind":"__onednn_fusion"}}
+}
+'''
+  table = profile_step.parse_hlo(hlo)
+  assert table['onednn_fusion']['category'] == 'fusion:__onednn_fusion:dot'
+  assert table['copy_fusion']['category'] == 'fusion:kLoop:layout'
+  assert profile_step.model_part(table['onednn_fusion']['source']) == 'fwd attention'
+  assert profile_step.model_part(table['copy_fusion']['source']) == 'bwd mlp'
+  assert profile_step.model_part('jit(f)/sqrt') == 'optimizer'
+  assert profile_step.union_length([(0, 10), (5, 20), (30, 40)]) == 30
