@@ -9,7 +9,9 @@ sides alike. Reports the median step time per side, images/s, and the throughput
 jmm is faster), with the load average before and after (the machine may be shared). On GPU when
 `--device=gpu` (torch on CUDA, JAX on its default GPU backend).
 
-What is matched. Sizes: width, depth, heads, MLP, patch, resolution, text length, vocabulary, float32, AdamW.
+What is matched. Sizes: width, depth, heads, MLP, patch, resolution, text length, vocabulary, float32, and the
+optimizer step: jmm's recipe clips gradients to a global norm (configs/common.py, clip_norm=1.0) before AdamW, so
+the peers do too (torch.nn.utils.clip_grad_norm_) with AdamW's betas and weight decay from the same config.
 HF SigLIP: MAP-pooled image tower without a projection, last-token text pooling with a linear head; jmm is
 configured the same (image out_dim=0, text out_dim=width), so the FLOPs agree to within the head biases.
 open_clip's CLIP (`open_clip.model.CLIP` with init_logit_bias, the SigLIP loss) has a class token instead of
@@ -112,9 +114,13 @@ def import_torch_stack():
 
 
 def _torch_runner(torch, model, loss_fn, batch: int, size: dict, device: str):
-  """(step_fn, param count) for a torch model: forward, `loss_fn(model, images, tokens)`, backward, AdamW."""
+  """(step_fn, param count) for a torch model: forward, `loss_fn(model, images, tokens)`, backward, gradient
+  clipping to jmm's global norm, AdamW: the same work as jmm's step (configs/common.py: AdamW, clip_norm)."""
   model = model.to(device).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  optim_config = jmm_config(size, batch).optim
+  clip_norm = optim_config.get('clip_norm')
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(optim_config.b1, optim_config.b2),
+                          weight_decay=optim_config.wd)
   gen = torch.Generator().manual_seed(0)
   images = torch.rand(batch, 3, size['res'], size['res'], generator=gen).mul(2).sub(1).to(device)
   tokens = torch.randint(0, size['vocab'], (batch, size['text_len']), generator=gen).to(device)
@@ -122,6 +128,8 @@ def _torch_runner(torch, model, loss_fn, batch: int, size: dict, device: str):
   def run():
     loss = loss_fn(model, images, tokens)
     loss.backward()
+    if clip_norm:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if device == 'cuda':

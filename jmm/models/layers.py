@@ -291,8 +291,10 @@ class MultiHeadAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f'attention width {features} is not divisible by num_heads={self.num_heads}')
     head_dim = features // self.num_heads
-    proj = lambda name, x: DenseParams((x.shape[-1],), (self.num_heads, head_dim), ('embed', 'heads', 'kv'),  # noqa: E731
-                                       ('heads', 'kv'), self.param_dtype, name=name)()
+
+    def proj(name, x):  # A DenseGeneral's kernel [width, H, D] and bias [H, D], applied by `_project`.
+      return DenseParams((x.shape[-1],), (self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
+                         self.param_dtype, name=name)()
     pq, pk, pv = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
     if self_attention:
       q, k, v = _project(inputs_q, [pq, pk, pv], self.dtype)  # each [B, T, H, D]
