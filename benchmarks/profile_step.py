@@ -27,6 +27,7 @@ from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks import vs_peers  # noqa: E402
+from jmm import cpu_matmuls  # noqa: E402
 
 # --size, --batch and --steps (profiled steps, after two warm-up steps) are vs_peers.py's flags.
 _SIZE, _BATCH, _STEPS = vs_peers._SIZE, vs_peers._BATCH, vs_peers._STEPS  # pylint: disable=protected-access
@@ -39,12 +40,11 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _KIND = re.compile(r'kind=(\w+)')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _CUSTOM = re.compile(r'"kind":"(__\w+)"|custom_call_target="([^"]+)"')
-_COMPUTATION = re.compile(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', re.S | re.M)
 
 
 def parse_hlo(text: str) -> dict[str, dict]:
   """{instruction name: {'shape', 'op', 'category', 'source'}} for the optimised HLO of a compiled step."""
-  bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(text)}
+  bodies = cpu_matmuls.computation_bodies(text)
   table = {}
   for m in _INSTR.finditer(text):
     name, shape, op, rest = m.groups()

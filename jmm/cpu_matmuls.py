@@ -66,6 +66,11 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(([^)]*)\
 _ONEDNN_FUSION = re.compile(r'calls=%?([\w.\-]+)[^\n]*"kind":"__onednn_fusion"')
 
 
+def computation_bodies(hlo_text: str) -> dict[str, str]:
+  """{computation name: its body's text} for HLO text (the fused computations a fusion `calls=`)."""
+  return {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+
+
 _SAFE_FUSIONS = (
     ['dot', 'parameter', 'parameter'],
     ['dot', 'parameter'],  # x @ x.
@@ -76,7 +81,7 @@ def unsupported_fusions(hlo_text: str) -> list[str]:
   """Names of the oneDNN fusions in optimised HLO text that are not of a shape known to run correctly: one dot of
   parameters, or one un-batched dot plus one added parameter (a bias). Others may fail to compile or compute
   wrongly at run time. Empty: every oneDNN fusion is safe."""
-  bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+  bodies = computation_bodies(hlo_text)
   bad = []
   for name in sorted(set(_ONEDNN_FUSION.findall(hlo_text))):
     body = bodies.get(name, '')
