@@ -121,3 +121,33 @@ ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
   assert profile_step.model_part(table['copy_fusion']['source']) == 'bwd mlp'
   assert profile_step.model_part('jit(f)/sqrt') == 'optimizer'
   assert profile_step.union_length([(0, 10), (5, 20), (30, 40)]) == 30
+
+
+def test_device_suite_runs_sections_and_summarises(tmp_path):
+  out_dir = tmp_path / 'suite'
+  stdout = _run(['benchmarks/device_suite.py', '--quick', '--only=step_none,attention', f'--out_dir={out_dir}'],
+                tmp_path)
+  summary = json.loads((out_dir / 'device_suite.json').read_text())
+  rows = {r['name']: r for r in summary['sections']}
+  assert set(rows) == {'step_none', 'attention'} and all(r['status'] == 'ok' for r in rows.values()), rows
+  step = json.loads((out_dir / 'step_none.json').read_text())
+  assert step['config']['image']['remat_policy'] == 'none' and step['step']['n'] == 2
+  assert 'MFU' in rows['step_none']['headline'] and 'ms/step' in rows['step_none']['headline']
+  # The attention section checked its implementations against the reference before timing them.
+  attention = json.loads((out_dir / 'attention.json').read_text())
+  assert attention['rows'] and all(r['ok'] for r in attention['rows'] if 'error' not in r)
+  assert 'checks within tolerance' in rows['attention']['headline']
+  assert '| section | status | s | result |' in stdout
+
+
+def test_device_suite_budget_and_failures(tmp_path):
+  from benchmarks import device_suite  # pylint: disable=g-import-not-at-top
+  # Out of budget: every section is reported as skipped, none is started.
+  rows = device_suite.main(['--quick', '--budget_s=1', f'--out_dir={tmp_path}'])
+  assert rows and all(r['status'] == 'skipped' for r in rows)
+  # A section that fails is reported with its last log line; the suite goes on.
+  bad = {'name': 'bad', 'argv': ['-c', 'raise SystemExit("no such config")'], 'kind': 'step', 'min_s': 0}
+  row = device_suite.run_section(bad, str(tmp_path), timeout_s=60)
+  assert row['status'] == 'failed' and 'no such config' in row['headline']
+  with pytest.raises(SystemExit, match='unknown sections'):
+    device_suite.main(['--quick', '--only=nope', f'--out_dir={tmp_path}'])
