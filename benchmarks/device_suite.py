@@ -168,6 +168,8 @@ def main(argv=None):
       rows.append({'name': section['name'], 'status': 'skipped',
                    'headline': f'{left:.0f} s of budget left, needs at least {section["min_s"]} s'})
     else:
+      print(f'-> {section["name"]} ({left:.0f} s of budget left; log: '
+            f'{os.path.join(args.out_dir, section["name"] + ".log")})', flush=True)
       rows.append(run_section(section, args.out_dir, left))
     print(f'  {rows[-1]["name"]}: {rows[-1]["status"]} - {rows[-1]["headline"]}', flush=True)
   info['elapsed_s'] = time.perf_counter() - start
