@@ -38,7 +38,8 @@ _TINY = 'configs/siglip.py:res=16,batch=4'
 
 
 def sections(quick: bool, batch: int) -> list[dict]:
-  """The sections to run, in order: name, command (argv after python), JSON it writes, minimum seconds."""
+  """The sections to run, in order: name, argv after the python executable (run_section adds --out), kind of
+  record (for `headline`), and the least budget in seconds worth starting it with."""
   out = []
   if quick:
     step = ['benchmarks/train_step.py', f'--config={_TINY}', '--steps=2', '--warmup=1', '--text_len=8',

@@ -34,6 +34,7 @@ _SIZE, _BATCH, _STEPS = vs_peers._SIZE, vs_peers._BATCH, vs_peers._STEPS  # pyli
 _TOP = flags.DEFINE_integer('top', 30, 'Most expensive ops to list.')
 _OUT = flags.DEFINE_string('profile_out', os.path.join(common.ROOT, 'benchmarks', 'results',
                                                        'profile_step_latest.json'), 'JSON file ("" = none).')
+_HLO_OUT = flags.DEFINE_string('hlo_out', '', 'Also write the optimised HLO of the step to this file.')
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$', re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -82,9 +83,6 @@ def model_part(source: str) -> str:
     if key in s:
       return f'{direction} {label}'
   return f'{direction} other' if source else 'unattributed'
-
-
-_HLO_OUT = flags.DEFINE_string('hlo_out', '', 'Also write the optimised HLO of the step to this file.')
 
 
 def union_length(intervals: list[tuple[int, int]]) -> int:
