@@ -168,7 +168,9 @@ def test_auto_table():
   big = jnp.zeros((2, 197, 1, 320), jnp.float32)  # head_dim 320: over what cuDNN and the Triton kernel take.
   seg = jnp.zeros((2, 197), jnp.int32)
   assert attention.choose_impl(bf16, bf16, platform='gpu') == 'cudnn'
-  assert attention.choose_impl(f32, f32, platform='gpu') == 'pallas'  # cuDNN: fp16 / bf16 only.
+  assert attention.choose_impl(f32, f32, platform='gpu') == 'xla'  # cuDNN: fp16 / bf16; Triton fp32 is slow.
+  assert attention.choose_impl(f32, f32, platform='tpu') == 'pallas'
+  assert attention.supports('pallas', f32, f32, platform='gpu')  # It runs; 'auto' only passes it over.
   assert attention.choose_impl(bf16, bf16, segment_ids=seg, platform='gpu') == 'pallas'  # odd length + mask
   assert attention.choose_impl(big, big, platform='gpu') == 'xla'
   assert attention.choose_impl(bf16, bf16, platform='tpu') == 'pallas'
@@ -197,3 +199,21 @@ def test_xla_vjp_fully_masked_rows_and_bf16():
   for g, r in zip(grads(xla, jnp.bfloat16), grads(ref, jnp.float32)):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=6e-2, rtol=6e-2)
+
+
+def test_auto_asks_jax_whether_cudnn_takes_the_call(monkeypatch):
+  """jax's cuDNN path refuses some shapes its static rules allow (jax 0.11.2 on an H200: ViT's 197 tokens, MAP
+  pooling's single query), raising while tracing; 'auto' asks jax (eval_shape of forward and VJP) and falls back
+  to the Pallas kernel instead of failing the step."""
+  bf16 = jnp.zeros((2, 197, 12, 64), jnp.bfloat16)
+  asked = []
+
+  def refuse(q_shape, k_shape, dtype, mask_shape, causal):
+    asked.append((q_shape, k_shape, mask_shape, causal))
+    return False
+
+  monkeypatch.setattr(attention, '_cudnn_traces', refuse)
+  assert attention.choose_impl(bf16, bf16, causal=True, platform='gpu') == 'pallas'
+  assert asked == [((2, 197, 12, 64), (2, 197, 12, 64), None, True)]
+  # Off a GPU the real probe refuses too (no cuDNN), by catching jax's error rather than raising it.
+  assert attention._cudnn_traces_cached((2, 8, 2, 64), (2, 8, 2, 64), jnp.dtype(jnp.bfloat16), None, False) is False

@@ -148,5 +148,10 @@ def test_device_suite_budget_and_failures(tmp_path):
   bad = {'name': 'bad', 'argv': ['-c', 'raise SystemExit("no such config")'], 'kind': 'step', 'min_s': 0}
   row = device_suite.run_section(bad, str(tmp_path), timeout_s=60)
   assert row['status'] == 'failed' and 'no such config' in row['headline']
+  # The exception line is reported, not a footer printed after it (JAX's traceback-filtering note).
+  footer = 'print("NotImplementedError: Unsupported sequence length Q 1"); print("-" * 20); print("For simplicity")'
+  bad = {'name': 'bad', 'argv': ['-c', f'{footer}; raise SystemExit(1)'], 'kind': 'step', 'min_s': 0}
+  row = device_suite.run_section(bad, str(tmp_path), timeout_s=60)
+  assert row['headline'] == 'rc 1: NotImplementedError: Unsupported sequence length Q 1'
   with pytest.raises(SystemExit, match='unknown sections'):
     device_suite.main(['--quick', '--only=nope', f'--out_dir={tmp_path}'])

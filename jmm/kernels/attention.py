@@ -25,6 +25,7 @@ outside `jmm.kernels` (kernels sit below the models).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -191,9 +192,12 @@ _IMPLS: dict[str, Callable] = {
 IMPLEMENTATIONS = tuple(_IMPLS) + ('auto',)
 
 # What 'auto' tries, in order, per platform; the first implementation that `supports` the call wins.
-# Why this order (GPU / TPU timings are still to be measured with benchmarks/attention.py, see README):
-#   gpu: cuDNN's fused kernel is NVIDIA's own flash attention (FA-2/FA-3 class on Hopper) where it applies
-#        (bf16 / fp16, head_dim % 8 == 0); else the Pallas Triton kernel (fp32, no dense mask); else XLA.
+# Why this order (H200, jax 0.11.2, benchmarks/attention.py; README "Performance"):
+#   gpu: cuDNN's fused kernel is NVIDIA's own flash attention where jax's cuDNN path accepts the call (bf16 /
+#        fp16, head_dim % 8 == 0, and the sequence lengths its version takes: jax 0.11.2 refuses ViT's 197 and
+#        MAP pooling's single query, so whether it applies is asked of jax itself, `_cudnn_traces`); else the
+#        Pallas Triton kernel for bf16 / fp16 (B/16 shapes: fwd+bwd 1.45 ms against XLA's 2.06); else XLA.
+#        Not the Pallas kernel for float32 on GPU: 3-80x slower than XLA there (L/14: 88 ms against 3.9 ms).
 #   tpu: the Pallas kernel streams keys through VMEM where XLA materialises [B, H, Tq, Tk] logits in HBM.
 #   cpu: XLA; the kernels only run interpreted there.
 AUTO_ORDER = {
@@ -201,6 +205,36 @@ AUTO_ORDER = {
     'tpu': ('pallas', 'xla'),
     'cpu': ('xla',),
 }
+# (platform, implementation) pairs 'auto' passes over for float32 inputs although they run (see above).
+_AUTO_SKIPS_FLOAT32 = {('gpu', 'pallas')}
+
+
+@functools.lru_cache(maxsize=256)
+def _cudnn_traces_cached(q_shape, k_shape, dtype, mask_shape, causal) -> bool:
+  q = jax.ShapeDtypeStruct(q_shape, dtype)
+  k = jax.ShapeDtypeStruct(k_shape, dtype)
+  mask = None if mask_shape is None else jax.ShapeDtypeStruct(mask_shape, jnp.bool_)
+
+  def fwd_and_vjp(q, k, v, mask):
+    out, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation='cudnn'), q, k, v)
+    return out, vjp(out)
+
+  try:
+    jax.eval_shape(fwd_and_vjp, q, k, k, mask)
+  except (NotImplementedError, ValueError, RuntimeError):
+    return False
+  return True
+
+
+def _cudnn_traces(q_shape, k_shape, dtype, mask_shape, causal) -> bool:
+  """Whether jax's cuDNN attention accepts this call, forward and backward, asked of jax itself: its checks
+  (sequence lengths, head dims, cuDNN version, compute capability) change between versions and raise while
+  tracing. Shapes only (`jax.eval_shape`), cached per signature. Off a GPU backend nothing can be asked, and
+  `supports`' static checks stand."""
+  if jax.default_backend() != 'gpu':
+    return True
+  return _cudnn_traces_cached(tuple(q_shape), tuple(k_shape), jnp.dtype(dtype), mask_shape, bool(causal))
 
 
 def supports(impl: str, q, k, mask=None, *, causal: bool = False, segment_ids=None, platform: str | None = None):
@@ -208,7 +242,6 @@ def supports(impl: str, q, k, mask=None, *, causal: bool = False, segment_ids=No
 
   Used by 'auto' to fall back to XLA instead of failing; shapes only, so it is free under jit.
   """
-  del causal  # Every implementation handles it.
   platform = platform or jax.default_backend()
   dtype, head_dim = jnp.dtype(q.dtype), q.shape[-1]
   if impl in ('xla', 'reference'):
@@ -217,9 +250,12 @@ def supports(impl: str, q, k, mask=None, *, causal: bool = False, segment_ids=No
     # jax's cuDNN checks: fp16/bf16, head_dim <= 128 (256 on Hopper) and % 8; a mask becomes a bias, whose
     # backward needs even lengths (ViT's 197 tokens are odd, but ViT attention has no mask).
     dense = mask is not None or segment_ids is not None
-    return (platform == 'gpu' and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if not (platform == 'gpu' and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim <= 128 and head_dim % 8 == 0
-            and (not dense or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)))
+            and (not dense or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0))):
+      return False
+    mask_shape = (q.shape[0], 1, q.shape[1], k.shape[1]) if dense else None  # As _cudnn_attention builds it.
+    return _cudnn_traces(q.shape, k.shape, dtype, mask_shape, causal)
   if impl in ('pallas', 'pallas_gpu', 'pallas_tpu'):
     if mask is not None:
       return False
@@ -233,7 +269,10 @@ def supports(impl: str, q, k, mask=None, *, causal: bool = False, segment_ids=No
 def choose_impl(q, k, mask=None, *, causal: bool = False, segment_ids=None, platform: str | None = None) -> str:
   """The implementation 'auto' runs for this call: the first in AUTO_ORDER[platform] that `supports` it."""
   platform = platform or jax.default_backend()
+  float32 = jnp.dtype(q.dtype) == jnp.dtype(jnp.float32)
   for impl in AUTO_ORDER.get(platform, ('xla',)):
+    if float32 and (platform, impl) in _AUTO_SKIPS_FLOAT32:
+      continue
     if supports(impl, q, k, mask, causal=causal, segment_ids=segment_ids, platform=platform):
       return impl
   return 'xla'
