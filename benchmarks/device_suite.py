@@ -12,8 +12,10 @@ Sections, most important first (each in its own process, so one that fails or ru
 and the rest still run; those that no longer fit in --budget_s are listed as skipped):
   step_*      benchmarks/train_step.py: the B/16 SigLIP step (both towers B, 224 px, 64 tokens, 32k vocabulary)
               in bfloat16 at --batch, with attention_impl=auto (cuDNN / Pallas flash on GPU). Variants: no remat,
-              remat 'dots', remat 'full', and nn.scan over layers: step time, images/s, MFU against the
+              no remat with attention_impl=cudnn (odd ViT lengths padded: is it faster than auto's Triton
+              kernel?), nn.scan over layers, remat 'dots', remat 'full': step time, images/s, MFU against the
               device's peak, XLA / analytic FLOPs, compiled peak memory. The remat / scan trade-off table.
+              On an H200 each takes 85-110 s: a 15-minute lease holds about four sections per call.
   attention   benchmarks/attention.py: every attention implementation checked against the plain-JAX reference
               in compiled mode (forward and gradients), then TFLOP/s on the towers' shapes.
   moe         benchmarks/moe.py: Pallas routing and grouped matmul against their XLA counterparts (errors),
@@ -47,10 +49,15 @@ def sections(quick: bool, batch: int) -> list[dict]:
             '--config.model.image.depth=2', '--config.model.text.depth=2', '--peak_matmul_size=256', '--results=']
   else:
     step = ['benchmarks/train_step.py', f'--config={_B16.format(batch=batch)}', '--steps=10', '--warmup=3',
-            '--text_len=64', '--vocab_size=32000', '--config.dtype=bfloat16', '--config.attention_impl=auto',
-            '--results=']
-  for variant, extra in (('none', ['--remat_policy=none']), ('dots', ['--remat_policy=dots']),
-                         ('full', ['--remat_policy=full']), ('scan', ['--remat_policy=none', '--scan'])):
+            '--text_len=64', '--vocab_size=32000', '--config.dtype=bfloat16', '--results=']
+  variants = [('none', ['--remat_policy=none'])]
+  if not quick:  # cuDNN needs an NVIDIA GPU. A/B against step_none ('auto' leaves ViT's odd lengths to Triton).
+    variants.append(('cudnn', ['--remat_policy=none', '--config.attention_impl=cudnn']))
+  variants += [('scan', ['--remat_policy=none', '--scan']), ('dots', ['--remat_policy=dots']),
+               ('full', ['--remat_policy=full'])]
+  for variant, extra in variants:
+    if not quick and not any(a.startswith('--config.attention_impl=') for a in extra):
+      extra = [*extra, '--config.attention_impl=auto']
     out.append(dict(name=f'step_{variant}', argv=[*step, *extra, f'--label=step_{variant}'], kind='step',
                     min_s=20 if quick else 90))
   if quick:

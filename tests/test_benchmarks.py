@@ -153,5 +153,12 @@ def test_device_suite_budget_and_failures(tmp_path):
   bad = {'name': 'bad', 'argv': ['-c', f'{footer}; raise SystemExit(1)'], 'kind': 'step', 'min_s': 0}
   row = device_suite.run_section(bad, str(tmp_path), timeout_s=60)
   assert row['headline'] == 'rc 1: NotImplementedError: Unsupported sequence length Q 1'
+  # The GPU step variants: one attention_impl each, 'auto' except the cuDNN A/B; no cuDNN section on the CPU.
+  full = {sec['name']: sec['argv'] for sec in device_suite.sections(False, 256) if sec['kind'] == 'step'}
+  impls = {name: [a for a in argv if a.startswith('--config.attention_impl=')] for name, argv in full.items()}
+  assert impls.pop('step_cudnn') == ['--config.attention_impl=cudnn']
+  assert set(impls) == {'step_none', 'step_scan', 'step_dots', 'step_full'}
+  assert all(v == ['--config.attention_impl=auto'] for v in impls.values())
+  assert 'step_cudnn' not in {sec['name'] for sec in device_suite.sections(True, 4)}
   with pytest.raises(SystemExit, match='unknown sections'):
     device_suite.main(['--quick', '--only=nope', f'--out_dir={tmp_path}'])
