@@ -250,7 +250,7 @@ def _cudnn_traces_cached(q_shape, k_shape, dtype, mask_shape, causal) -> bool:
 
   try:
     jax.eval_shape(fwd_and_vjp, q, k, k, mask)
-  except (NotImplementedError, ValueError, RuntimeError):
+  except Exception:  # pylint: disable=broad-except  (any refusal means "not cuDNN"; the probe must never fail the step)
     return False
   return True
 
