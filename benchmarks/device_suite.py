@@ -50,14 +50,16 @@ def sections(quick: bool, batch: int) -> list[dict]:
   else:
     step = ['benchmarks/train_step.py', f'--config={_B16.format(batch=batch)}', '--steps=10', '--warmup=3',
             '--text_len=64', '--vocab_size=32000', '--config.dtype=bfloat16', '--results=']
-  variants = [('none', ['--remat_policy=none'])]
-  if not quick:  # cuDNN needs an NVIDIA GPU. A/B against step_none ('auto' leaves ViT's odd lengths to Triton).
-    variants.append(('cudnn', ['--remat_policy=none', '--config.attention_impl=cudnn']))
-  variants += [('scan', ['--remat_policy=none', '--scan']), ('dots', ['--remat_policy=dots']),
-               ('full', ['--remat_policy=full'])]
-  for variant, extra in variants:
-    if not quick and not any(a.startswith('--config.attention_impl=') for a in extra):
-      extra = [*extra, '--config.attention_impl=auto']
+  # (name, flags, attention_impl). 'cudnn' is the A/B against step_none ('auto' leaves ViT's odd lengths to the
+  # Triton kernel); it needs an NVIDIA GPU, so --quick leaves it out and keeps the config's default impl.
+  variants = [('none', ['--remat_policy=none'], 'auto'), ('cudnn', ['--remat_policy=none'], 'cudnn'),
+              ('scan', ['--remat_policy=none', '--scan'], 'auto'), ('dots', ['--remat_policy=dots'], 'auto'),
+              ('full', ['--remat_policy=full'], 'auto')]
+  for variant, extra, impl in variants:
+    if quick and impl == 'cudnn':
+      continue
+    if not quick:
+      extra = [*extra, f'--config.attention_impl={impl}']
     out.append(dict(name=f'step_{variant}', argv=[*step, *extra, f'--label=step_{variant}'], kind='step',
                     min_s=20 if quick else 90))
   if quick:

@@ -155,20 +155,19 @@ def _cudnn_attention(q, k, v, mask=None, *, causal: bool = False, segment_ids=No
   """
   mask = _with_causal_and_segments(mask, q.shape[1], k.shape[1], q.shape[0], False, segment_ids)
   tq, tk = q.shape[1], k.shape[1]
-  pad_q, pad_k = tq % 2, tk % 2
-  if not (pad_q or pad_k):
+  even_q, even_k = flash_common.round_up(tq, 2), flash_common.round_up(tk, 2)
+  if (even_q, even_k) == (tq, tk):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
-  pad = lambda x, p: jnp.pad(x, ((0, 0), (0, p), (0, 0), (0, 0)))  # noqa: E731
-  q, k, v = pad(q, pad_q), pad(k, pad_k), pad(v, pad_k)
+  q = flash_common.pad_axis(q, 1, even_q)
+  k, v = (flash_common.pad_axis(x, 1, even_k) for x in (k, v))
   lengths = {}
   if mask is not None:
     mask = _mask_4d(mask)
     mask = jnp.broadcast_to(mask, mask.shape[:2] + (tq, tk))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, 0)), constant_values=True)
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad_k)), constant_values=False)
+    mask = flash_common.pad_axis(flash_common.pad_axis(mask, 2, even_q, True), 3, even_k, False)
   else:
     batch = q.shape[0]
-    lengths = dict(query_seq_lengths=jnp.full((batch,), tq + pad_q, jnp.int32),
+    lengths = dict(query_seq_lengths=jnp.full((batch,), even_q, jnp.int32),
                    key_value_seq_lengths=jnp.full((batch,), tk, jnp.int32))
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation,
                                      **lengths)
@@ -276,7 +275,8 @@ def supports(impl: str, q, k, mask=None, *, causal: bool = False, segment_ids=No
     return True
   if impl == 'cudnn':
     # jax's cuDNN checks: fp16/bf16, head_dim <= 128 (256 on Hopper) and % 8; a mask becomes a bias, whose
-    # backward needs even lengths (ViT's 197 tokens are odd, but ViT attention has no mask).
+    # backward needs even lengths. jax 0.10-0.11 demand even lengths for training even without a mask (see
+    # `_cudnn_attention`); `_cudnn_traces` asks jax, about the unpadded call, which is what 'auto' picks on.
     dense = mask is not None or segment_ids is not None
     if not (platform == 'gpu' and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim <= 128 and head_dim % 8 == 0
