@@ -89,3 +89,32 @@ def test_train_step_runs_on_onednn_and_matches_xla_matmuls():
       losses[mode].append(float(metrics['loss']))
   assert losses['onednn'][-1] < losses['onednn'][0]
   np.testing.assert_allclose(losses['onednn'], losses['xla'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('shapes', [((50, 24), (50, 8)), ((50, 8), (50, 24)), ((2, 3, 20, 16), (2, 3, 20, 4))])
+def test_row_contraction_matches_einsum(shapes):
+  a, b = _args(*shapes)
+  np.testing.assert_allclose(cpu_matmuls.row_contraction(a, b), jnp.einsum('...mp,...mq->...pq', a, b),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _dot_shapes(hlo):
+  return sorted(line.split(' = ')[1].split('{')[0] for line in hlo.splitlines() if ' dot(' in line)
+
+
+@x86
+def test_weight_gradient_transposes_the_narrower_operand():
+  # fc_out's weight gradient h^T dy with h [tokens, 48] wider than dy [tokens, 16]: on a CPU the dot computes the
+  # [16, 48] dW^T (oneDNN copies the narrow dy transposed, not h), and the swap back is not folded into it.
+  from jmm.models import layers
+  h, w, b, g = _args((4, 25, 48), (48, 16), (16,), (4, 25, 16))
+  loss = lambda w, h: jnp.vdot(layers.token_matmul(h, w, b), g)  # noqa: E731
+  dots = _dot_shapes(_hlo(jax.grad(loss), w, h))
+  assert 'f32[16,48]' in dots and 'f32[48,16]' not in dots, dots
+  dw = jax.jit(jax.grad(loss))(w, h)
+  np.testing.assert_allclose(dw, jnp.einsum('btp,btq->pq', h, g), rtol=1e-5, atol=1e-5)
+  # The other way round (x narrower than dy, as fc_in) is left as XLA writes it: x^T dy.
+  x, w_in = _args((4, 25, 16), (16, 48))
+  g_in = _args((4, 25, 48))[0]
+  loss_in = lambda w, x: jnp.vdot(layers.token_matmul(x, w, jnp.zeros(48)), g_in)  # noqa: E731
+  assert 'f32[16,48]' in _dot_shapes(_hlo(jax.grad(loss_in), w_in, x))

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 import numpy as np
 import pytest
 
@@ -73,3 +74,13 @@ def test_optimizer_minimises_a_quadratic(name):
 def test_unknown_optimizer_is_an_error():
   with pytest.raises(ConfigError, match='optim.name'):
     optim.make_optimizer(_config(name='sgd9'), _params(), total_steps=10)
+
+
+@pytest.mark.parametrize('max_norm', [0.5, 100.0])
+def test_clip_by_global_norm_matches_optax(max_norm):
+  grads = {'a': jnp.arange(6.0).reshape(2, 3) - 2.0, 'b': jnp.array([3.0, -4.0])}
+  ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optim.clip_by_global_norm(max_norm).init(grads))
+  theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.clip_by_global_norm(max_norm).init(grads))
+  for k in grads:
+    np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6)
+  assert float(optax.global_norm(ours)) == pytest.approx(min(max_norm, float(optax.global_norm(grads))), rel=1e-6)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmm import cpu_matmuls
 from jmm.kernels import flash_attention_gpu
 from jmm.kernels import flash_attention_tpu
 from jmm.kernels import flash_common
@@ -127,7 +128,7 @@ def _softmax_attention_fwd(q, k, v, mask):
 def _softmax_attention_bwd(residuals, d_out):
   q, k, v, mask, probs, out = residuals
   scale = _logit_scale(q.shape[-1])
-  d_v = jnp.einsum('bhqk,bhqd->bhkd', probs.astype(d_out.dtype), d_out)
+  d_v = cpu_matmuls.row_contraction(probs.astype(d_out.dtype), d_out)  # P^T dO [B, H, Tk, D]
   d_probs = jnp.einsum('bhqd,bhkd->bhqk', d_out, v, preferred_element_type=jnp.float32)
   # rowsum(P * dP) = rowsum(dO * O), since O = P V: the same correction from a D-wide instead of a Tk-wide sum.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -136,7 +137,7 @@ def _softmax_attention_bwd(residuals, d_out):
     d_logits = jnp.where(mask, d_logits, 0.0)
   d_logits = (d_logits * scale).astype(q.dtype)
   d_q = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
-  d_k = jnp.einsum('bhqk,bhqd->bhkd', d_logits, q)
+  d_k = cpu_matmuls.row_contraction(d_logits, q)  # Contracts the queries: dS^T Q, oriented for oneDNN on a CPU.
   return d_q, d_k, d_v.astype(v.dtype), None
 
 

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmm import cpu_matmuls
 from jmm.kernels import attention as attention_lib
 
 AXIS_NAMES = ('batch', 'length', 'embed', 'mlp', 'heads', 'kv', 'vocab', 'patch_height', 'patch_width',
@@ -118,8 +119,27 @@ def token_matmul(x, kernel, bias, n_in: int = 1, dtype=jnp.float32):
   lead, in_shape = x.shape[:-n_in], x.shape[x.ndim - n_in:]
   out_shape = kernel.shape[n_in:]
   x2 = x.astype(dtype).reshape(math.prod(lead), math.prod(in_shape))
-  y = x2 @ kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+  w2 = kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+  y = _cpu_matmul(x2, w2) if jax.default_backend() == 'cpu' else x2 @ w2
   return y.reshape(*lead, *out_shape) + bias.astype(dtype)
+
+
+@jax.custom_vjp
+def _cpu_matmul(x, w):
+  """x @ w whose weight gradient x^T dy is `cpu_matmuls.row_contraction`'s (the narrower operand transposed)."""
+  return x @ w
+
+
+def _cpu_matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _cpu_matmul_bwd(residuals, dy):
+  x, w = residuals
+  return dy @ w.T, cpu_matmuls.row_contraction(x, dy)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 @jax.custom_vjp
