@@ -2,6 +2,7 @@
 
   python benchmarks/profile_step.py                       # the vs_peers S/16 + S/16 step, batch 16, CPU
   python benchmarks/profile_step.py --size=tiny --batch=4 --steps=1 --top=10 --profile_out=   # smoke run
+  python benchmarks/profile_step.py --onednn_verbose      # + oneDNN's own account: matmul vs operand-reorder time
 
 Builds the same step `vs_peers.py` times (jmm.train's step with training's XLA options), runs it under
 `jax.profiler`, and reads the trace back (`jax.profiler.ProfileData`): every executed HLO instruction is an event
@@ -9,6 +10,12 @@ on the thread that ran it. Prints the step's wall time, how busy the worker thre
 threads / wall), time by op category (matmul library calls, fusions by kind, copies, ...), by model part
 (forward / backward, and the layer from the op's source metadata), and the most expensive ops with their HLO.
 Writes the whole table as JSON beside the other results.
+
+--onednn_verbose (x86 CPUs, where the step's matmuls run in oneDNN): one more step runs with ONEDNN_VERBOSE=1, its
+lines captured from the C-level stdout, and the time oneDNN spends in matmuls is set against the time it spends
+reordering operands (copying a transposed left operand to row-major, packing a right operand into blocks), with
+the costliest reordered operands by shape. That is how `cpu_matmuls.row_contraction` was found. The verbose mode
+slows oneDNN calls slightly; the profiled steps' times include it.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ _TOP = flags.DEFINE_integer('top', 30, 'Most expensive ops to list.')
 _OUT = flags.DEFINE_string('profile_out', os.path.join(common.ROOT, 'benchmarks', 'results',
                                                        'profile_step_latest.json'), 'JSON file ("" = none).')
 _HLO_OUT = flags.DEFINE_string('hlo_out', '', 'Also write the optimised HLO of the step to this file.')
+
+_ONEDNN = flags.DEFINE_bool('onednn_verbose', False, 'Also run one step with ONEDNN_VERBOSE=1 and print the time '
+                            'oneDNN spends in matmuls against operand reorders (copies into its blocked layouts).')
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$', re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -85,6 +95,48 @@ def model_part(source: str) -> str:
   return f'{direction} other' if source else 'unattributed'
 
 
+def onednn_summary(lines, top: int = 10) -> dict:
+  """Sums ONEDNN_VERBOSE 'primitive,exec' lines: ms in matmuls and in reorders, and the costliest reorders.
+
+  A line reads `onednn_verbose,v1,primitive,exec,cpu,KIND,IMPL,...,PROBLEM,MS`; a reorder's PROBLEM is the shape
+  of the operand oneDNN copied (a transposed left operand, or a right operand packed into blocks) before a matmul.
+  """
+  totals = collections.Counter()
+  reorders = collections.defaultdict(lambda: [0, 0.0])
+  for line in lines:
+    parts = line.strip().split(',')
+    if len(parts) < 8 or parts[0] != 'onednn_verbose' or parts[2:4] != ['primitive', 'exec']:
+      continue
+    try:
+      ms = float(parts[-1])
+    except ValueError:
+      continue
+    totals[parts[5]] += ms
+    if parts[5] == 'reorder':
+      entry = reorders[(parts[-2], parts[6])]
+      entry[0] += 1
+      entry[1] += ms
+  ranked = sorted(reorders.items(), key=lambda kv: -kv[1][1])[:top]
+  return {'ms_by_kind': dict(totals),
+          'top_reorders': [{'shape': shape, 'impl': impl, 'calls': n, 'ms': ms} for (shape, impl), (n, ms) in ranked]}
+
+
+def _onednn_step(run) -> list[str]:
+  """Runs `run` (one step) with oneDNN's verbose lines (C-level stdout) captured; returns those lines."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  with tempfile.TemporaryFile(mode='w+') as capture:
+    os.dup2(capture.fileno(), 1)
+    try:
+      run()
+    finally:
+      sys.stdout.flush()
+      os.dup2(saved, 1)
+      os.close(saved)
+    capture.seek(0)
+    return capture.read().splitlines()
+
+
 def union_length(intervals: list[tuple[int, int]]) -> int:
   """Total length covered by a list of (start, end) intervals, overlaps counted once."""
   total, end = 0, None
@@ -103,19 +155,28 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   size = dict(vs_peers.SIZES[_SIZE.value])
   config = vs_peers.jmm_config(size, _BATCH.value)
+  if _ONEDNN.value:  # Read by oneDNN when it first runs: before the step is compiled and run.
+    os.environ['ONEDNN_VERBOSE'] = '1'
   step, state, data, _, info = common.build_train_step(config, size['vocab'], _BATCH.value, with_info=True)
   compiled = step.lower(state, data).compile()
   hlo = parse_hlo(compiled.as_text())
+  holder = {'state': state}
+
+  def one_step():
+    holder['state'], step_metrics = compiled(holder['state'], data)
+    jax.block_until_ready(step_metrics)
+
+  # With --onednn_verbose every oneDNN call prints a line: those of the warm-up and profiled steps are dropped.
+  quietly = _onednn_step if _ONEDNN.value else (lambda fn: fn())
   for _ in range(2):
-    state, metrics = compiled(state, data)
-  jax.block_until_ready(metrics)
+    quietly(one_step)
+  onednn = onednn_summary(_onednn_step(one_step), _TOP.value) if _ONEDNN.value else None
 
   trace_dir = tempfile.mkdtemp(prefix='jmm_profile_')
   jax.profiler.start_trace(trace_dir)
   start = time.perf_counter()
   for _ in range(_STEPS.value):
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
+    quietly(one_step)
   wall = (time.perf_counter() - start) / _STEPS.value
   jax.profiler.stop_trace()
   path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))[-1]
@@ -161,8 +222,17 @@ def main(argv):
   for name, t in rest:
     h = hlo[name]
     print(f'| {name} | {t:.4f} | {h["category"]} | {h["shape"][:40]} | {h["source"][-90:]} |')
+  if onednn is not None:
+    kinds = onednn['ms_by_kind']
+    onednn_ms = sum(kinds.values()) or 1.0
+    print(f'\noneDNN in one step (ONEDNN_VERBOSE, ms of op time): ' +
+          ', '.join(f'{k} {v:.0f} ({v / onednn_ms:.0%})' for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    print('\n| reordered operand | oneDNN impl | calls | ms / step |\n|---|---|---|---|')
+    for r in onednn['top_reorders']:
+      print(f'| {r["shape"]} | {r["impl"]} | {r["calls"]} | {r["ms"]:.1f} |')
   if _OUT.value:
     common.write_json(_OUT.value, {
+        'onednn': onednn,
         'machine': common.machine_info(), 'size': _SIZE.value, 'batch': _BATCH.value, 'wall_s': wall,
         'op_seconds': total, 'covered_s': covered, 'busy_threads': total / wall, 'matmuls': info['matmuls'],
         'by_category': dict(by_category), 'by_part': dict(by_part), 'by_op_kind': dict(by_stem),

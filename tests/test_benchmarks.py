@@ -82,8 +82,11 @@ def test_vs_peers_tiny(tmp_path):
 def test_profile_step_attributes_the_step_to_ops(tmp_path):
   out = tmp_path / 'profile.json'
   stdout = _run(['benchmarks/profile_step.py', '--size=tiny', '--batch=4', '--steps=1', '--top=5',
-                 f'--profile_out={out}'], tmp_path)
+                 f'--profile_out={out}', '--onednn_verbose'], tmp_path)
   record = json.loads(out.read_text())
+  if record['matmuls'] == 'onednn':  # oneDNN's own lines were captured (and kept out of the printed tables).
+    assert record['onednn']['ms_by_kind'].get('matmul', 0) > 0, record['onednn']
+    assert '| reordered operand |' in stdout and 'onednn_verbose,' not in stdout
   # Every op of the step is found in the trace and in the optimised HLO: matmuls and fusions, forward and
   # backward of both towers, with shares that add up to the op time.
   assert record['op_seconds'] > 0 and 0 < record['covered_s'] <= record['wall_s'] * 1.05
@@ -93,6 +96,26 @@ def test_profile_step_attributes_the_step_to_ops(tmp_path):
   assert {'fwd mlp', 'bwd mlp', 'fwd attention', 'bwd attention', 'optimizer'} <= parts, parts
   assert len(record['top_ops']) == 5 and all(op['seconds'] > 0 and op['shape'] for op in record['top_ops'])
   assert '| op kind |' in stdout and 'busy threads' in stdout
+
+
+def test_onednn_summary_sums_matmuls_and_reorders():
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  lines = [
+      'onednn_verbose,v1,info,oneDNN v3.7.3 (commit N/A)',
+      'onednn_verbose,v1,primitive,exec,cpu,reorder,brgemm_matmul_copy_reorder_t,undef,src:f32::blocked:ba::f0 '
+      'dst:f32::blocked:ab::f0,attr-scratchpad:user,,1536x3136,9.0',
+      'onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core,undef,src:f32:a:blocked:ab::f0,'
+      'attr-scratchpad:user,,1536x3136:3136x384,20.5',
+      'onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src dst,,384x1536,0.5',
+      'onednn_verbose,v1,primitive,exec,cpu,reorder,brgemm_matmul_copy_reorder_t,undef,src dst,,1536x3136,8.0',
+      'onednn_verbose,v1,graph,exec,cpu,100002,matmul_post_ops,MatMul_0,,in0 out0,fpm:strict,matmul_t,dnnl,30.0',
+      'some other line, 12',
+  ]
+  summary = profile_step.onednn_summary(lines, top=5)
+  assert summary['ms_by_kind'] == pytest.approx({'reorder': 17.5, 'matmul': 20.5})
+  assert summary['top_reorders'][0] == {'shape': '1536x3136', 'impl': 'brgemm_matmul_copy_reorder_t', 'calls': 2,
+                                        'ms': pytest.approx(17.0)}
+  assert [r['shape'] for r in summary['top_reorders']] == ['1536x3136', '384x1536']
 
 
 def test_profile_step_parses_hlo_categories():
