@@ -6,7 +6,9 @@
 Each side builds its model once, compiles / warms up, then the sides take turns (A B C A B C ...), each turn
 timing `--steps` full training steps (forward, sigmoid loss, backward, AdamW update), so machine noise hits all
 sides alike. Reports the median step time per side, images/s, and the throughput ratio jmm / peer (above 1:
-jmm is faster), with the load average before and after (the machine may be shared). On GPU when
+jmm is faster), both as the ratio of the overall medians and as the median of per-turn ratios (each peer turn
+against the jmm turn just before it, less exposed to the machine's drift), with the load average before and after
+(the machine may be shared). On GPU when
 `--device=gpu` (torch on CUDA, JAX on its default GPU backend).
 
 What is matched. Sizes: width, depth, heads, MLP, patch, resolution, text length, vocabulary, float32, and the
@@ -235,12 +237,27 @@ def compare(size_name: str, batch: int, rounds: int, steps: int, warmup: int, pe
                      'page_faults_median': statistics.median(faults[name]), **info[name]}
   ratios = {f'jmm/{name}': results[name]['median_s'] / results['jmm']['median_s']
             for name in results if name != 'jmm'}
+  paired = {f'jmm/{name}': per_turn_ratios(times['jmm'], times[name], steps) for name in results if name != 'jmm'}
   return {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'size': size_name, **size,
           'batch': batch, 'dtype': 'float32', 'device': device, 'threads': {'torch': threads, 'cpu_count':
                                                                             os.cpu_count()},
           'rounds': rounds, 'steps_per_turn': steps, 'machine': common.machine_info(),
           'load_before': load_before, 'load_after': common.load_average(), 'sides': results,
-          'throughput_ratio': ratios, 'skipped': skipped}
+          'throughput_ratio': ratios, 'per_turn_ratio': paired, 'skipped': skipped}
+
+
+def per_turn_ratios(jmm_times, peer_times, steps: int) -> dict:
+  """Throughput jmm / peer turn by turn (each turn's median step time, the peer's turn right after jmm's).
+
+  The VM's speed drifts over minutes; a turn and its neighbour run within seconds of each other, so the median
+  of the per-turn ratios is less exposed to the drift than the ratio of the overall medians. Both are reported.
+  """
+  turns = min(len(jmm_times), len(peer_times)) // steps
+  values = [statistics.median(peer_times[t * steps:(t + 1) * steps]) /
+            statistics.median(jmm_times[t * steps:(t + 1) * steps]) for t in range(turns)]
+  if not values:
+    return {'median': float('nan'), 'min': float('nan'), 'max': float('nan'), 'turns': 0}
+  return {'median': statistics.median(values), 'min': min(values), 'max': max(values), 'turns': turns}
 
 
 def format_record(r: dict) -> str:
@@ -253,7 +270,10 @@ def format_record(r: dict) -> str:
     lines.append(f'{name:10s} {s["median_s"]:9.3f} {s["min_s"]:7.3f} {s["max_s"]:7.3f} {s["images_per_s"]:7.2f} '
                  f'{s["cpu_s_median"]:7.2f} {s.get("page_faults_median", 0) / 1e3:8.1f} {s["params"] / 1e6:9.2f}')
   for k, v in r['throughput_ratio'].items():
-    lines.append(f'throughput {k}: {v:.3f}')
+    turn = r.get('per_turn_ratio', {}).get(k)
+    extra = (f'  (per turn: median {turn["median"]:.3f}, {turn["min"]:.3f}-{turn["max"]:.3f} over {turn["turns"]} '
+             f'turns)') if turn else ''
+    lines.append(f'throughput {k}: {v:.3f}{extra}')
   for k, v in r['skipped'].items():
     lines.append(f'skipped {k}: {v}')
   return '\n'.join(lines)

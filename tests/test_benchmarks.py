@@ -77,6 +77,19 @@ def test_vs_peers_tiny(tmp_path):
         'jmm']['params']
     ratio = record['throughput_ratio']['jmm/hf']
     assert ratio == pytest.approx(record['sides']['hf']['median_s'] / record['sides']['jmm']['median_s'])
+    turn = record['per_turn_ratio']['jmm/hf']
+    assert turn['turns'] == 2 and turn['min'] <= turn['median'] <= turn['max']
+
+
+def test_per_turn_ratios_pair_each_turn():
+  from benchmarks import vs_peers  # pylint: disable=g-import-not-at-top
+  # Two steps a turn; the machine slows down 2x between turns, jmm is 10% faster than the peer within each.
+  jmm = [1.0, 1.2, 2.0, 2.4, 4.0, 4.0]
+  peer = [1.1, 1.32, 2.2, 2.64, 4.4, 4.4]
+  r = vs_peers.per_turn_ratios(jmm, peer, steps=2)
+  assert r['turns'] == 3
+  assert r['median'] == pytest.approx(1.1) and r['min'] == pytest.approx(1.1) and r['max'] == pytest.approx(1.1)
+  assert vs_peers.per_turn_ratios([], [], steps=2)['turns'] == 0
 
 
 def test_profile_step_attributes_the_step_to_ops(tmp_path):
