@@ -70,7 +70,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """
   def update_fn(updates, state, params=None):
     del params
-    g_norm = optax.global_norm(updates)
+    g_norm = optax.tree.norm(updates)
     scale = jnp.minimum(1.0, max_norm / g_norm)
     return jax.tree.map(lambda t: (t * scale).astype(t.dtype), updates), state
 

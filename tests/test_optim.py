@@ -83,4 +83,4 @@ def test_clip_by_global_norm_matches_optax(max_norm):
   theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.clip_by_global_norm(max_norm).init(grads))
   for k in grads:
     np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6)
-  assert float(optax.global_norm(ours)) == pytest.approx(min(max_norm, float(optax.global_norm(grads))), rel=1e-6)
+  assert float(optax.tree.norm(ours)) == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
