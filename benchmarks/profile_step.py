@@ -222,7 +222,10 @@ def main(argv):
   for name, t in rest:
     h = hlo[name]
     print(f'| {name} | {t:.4f} | {h["category"]} | {h["shape"][:40]} | {h["source"][-90:]} |')
-  if onednn is not None:
+  if onednn is not None and not onednn['ms_by_kind']:
+    print(f'\n--onednn_verbose: oneDNN ran nothing in this step (its matmuls are {info["matmuls"]!r}; oneDNN runs '
+          'them only on an x86 CPU with cpu_matmuls auto / onednn).')
+  elif onednn is not None:
     kinds = onednn['ms_by_kind']
     onednn_ms = sum(kinds.values()) or 1.0
     print(f'\noneDNN in one step (ONEDNN_VERBOSE, ms of op time): ' +

@@ -114,7 +114,8 @@ def token_matmul(x, kernel, bias, n_in: int = 1, dtype=jnp.float32):
   output gradient (19 MB for a ViT-S/16 block's MLP at batch 16). The bias is added after the matmul's output is
   reshaped, so XLA fuses it into the next element-wise op instead of into the matmul (where oneDNN needs a
   materialised [batch * tokens, out] broadcast of it). Same numbers as a DenseGeneral; the reshapes are free
-  (row-major bitcasts) and the batch axis stays the major part of the merged one, sharding included.
+  (row-major bitcasts) and the batch axis stays the major part of the merged one, sharding included. On a CPU the
+  weight gradient transposes the narrower of x and dy (`cpu_matmuls.row_contraction`; oneDNN's operand copies).
   """
   lead, in_shape = x.shape[:-n_in], x.shape[x.ndim - n_in:]
   out_shape = kernel.shape[n_in:]
