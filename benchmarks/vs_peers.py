@@ -2,13 +2,17 @@
 
   python benchmarks/vs_peers.py                      # ViT-S/16-class towers, batch 16, float32, CPU
   python benchmarks/vs_peers.py --size=tiny --rounds=1 --steps=1   # a smoke run
+  python benchmarks/vs_peers.py --pool=2ee5ab2,209d100   # no run: every turn of the recorded runs of these commits
 
 Each side builds its model once, compiles / warms up, then the sides take turns (A B C A B C ...), each turn
 timing `--steps` full training steps (forward, sigmoid loss, backward, AdamW update), so machine noise hits all
 sides alike. Reports the median step time per side, images/s, and the throughput ratio jmm / peer (above 1:
 jmm is faster), both as the ratio of the overall medians and as the median of per-turn ratios (each peer turn
 against the jmm turn just before it, less exposed to the machine's drift), with the load average before and after
-(the machine may be shared). On GPU when
+(the machine may be shared). One run on a noisy VM moves by +-5%; `--pool` reads the results file instead of
+running, and pools the per-turn ratios of every recorded run of the given commits (the same code measured at
+different times): their median with a bootstrap 90% interval, and the share of turns in which jmm was faster.
+On GPU when
 `--device=gpu` (torch on CUDA, JAX on its default GPU backend).
 
 What is matched. Sizes: width, depth, heads, MLP, patch, resolution, text length, vocabulary, float32, and the
@@ -53,6 +57,8 @@ _THREADS = flags.DEFINE_integer('threads', None, 'torch intra-op threads (defaul
 _DEVICE = flags.DEFINE_enum('device', 'cpu', ['cpu', 'gpu'], 'Where both sides run.')
 _OUT = flags.DEFINE_string('out', os.path.join(common.ROOT, 'benchmarks', 'results', 'vs_peers_latest.json'),
                            'JSON file for this run.')
+_POOL = flags.DEFINE_list('pool', [], 'Run nothing: pool the per-turn ratios of the runs in --results whose git '
+                          'commit (machine.git, a "+dirty" suffix ignored) is one of these prefixes.')
 _RESULTS = flags.DEFINE_string('results', os.path.join(common.ROOT, 'benchmarks', 'results', 'vs_peers.jsonl'),
                                'Results file: one JSON line appended per run ("" = none).')
 
@@ -246,18 +252,85 @@ def compare(size_name: str, batch: int, rounds: int, steps: int, warmup: int, pe
           'throughput_ratio': ratios, 'per_turn_ratio': paired, 'skipped': skipped}
 
 
+def turn_values(jmm_times, peer_times, steps: int) -> list[float]:
+  """Throughput jmm / peer of each turn: the peer's median step time over jmm's, turn by turn."""
+  turns = min(len(jmm_times), len(peer_times)) // steps
+  return [statistics.median(peer_times[t * steps:(t + 1) * steps]) /
+          statistics.median(jmm_times[t * steps:(t + 1) * steps]) for t in range(turns)]
+
+
 def per_turn_ratios(jmm_times, peer_times, steps: int) -> dict:
   """Throughput jmm / peer turn by turn (each turn's median step time, the peer's turn right after jmm's).
 
   The VM's speed drifts over minutes; a turn and its neighbour run within seconds of each other, so the median
   of the per-turn ratios is less exposed to the drift than the ratio of the overall medians. Both are reported.
   """
-  turns = min(len(jmm_times), len(peer_times)) // steps
-  values = [statistics.median(peer_times[t * steps:(t + 1) * steps]) /
-            statistics.median(jmm_times[t * steps:(t + 1) * steps]) for t in range(turns)]
+  values = turn_values(jmm_times, peer_times, steps)
+  turns = len(values)
   if not values:
     return {'median': float('nan'), 'min': float('nan'), 'max': float('nan'), 'turns': 0}
   return {'median': statistics.median(values), 'min': min(values), 'max': max(values), 'turns': turns}
+
+
+def turn_ratios(record: dict, peer: str) -> list[float]:
+  """Every per-turn throughput ratio jmm / `peer` of one result record (its steps' times, `all_s`)."""
+  sides, steps = record.get('sides', {}), record.get('steps_per_turn', 1)
+  if 'jmm' not in sides or peer not in sides:
+    return []
+  return turn_values(sides['jmm']['all_s'], sides[peer]['all_s'], steps)
+
+
+def pool_runs(records: list[dict], commits, resamples: int = 4000, seed: int = 0) -> dict:
+  """Per-turn ratios pooled over the records whose commit (machine.git without '+dirty') starts with one of
+  `commits`: {'runs', 'commits' and, per peer, {'turns', 'median', 'ci90' (bootstrap interval of the median),
+  'faster_share' (share of turns with ratio >= 1)}}. Raises ValueError when no record matches."""
+  import random  # pylint: disable=g-import-not-at-top
+  chosen = [r for r in records
+            if any(r.get('machine', {}).get('git', '').split('+')[0].startswith(c) for c in commits)]
+  if not chosen:
+    raise ValueError(f'--pool: no recorded run of commit(s) {", ".join(commits)} in the results file')
+  sizes = sorted({f'{r.get("size")}/batch {r.get("batch")}/{r.get("device")}' for r in chosen})
+  if len(sizes) > 1:
+    raise ValueError(f'--pool: the runs of {", ".join(commits)} measured different set-ups ({"; ".join(sizes)}); '
+                     'pool one at a time (a results file per set-up)')
+  peers = sorted({name for r in chosen for name in r.get('sides', {}) if name != 'jmm'})
+  out = {'runs': len(chosen), 'commits': sorted({r['machine']['git'] for r in chosen}),
+         'sizes': sizes}
+  rng = random.Random(seed)
+  for peer in peers:
+    values = [v for r in chosen for v in turn_ratios(r, peer)]
+    if not values:
+      continue
+    boot = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    out[f'jmm/{peer}'] = {'turns': len(values), 'median': statistics.median(values),
+                          'ci90': [boot[int(0.05 * resamples)], boot[int(0.95 * resamples) - 1]],
+                          'faster_share': sum(v >= 1.0 for v in values) / len(values)}
+  return out
+
+
+def read_results(path: str) -> list[dict]:
+  """The records of a results file (JSON lines); unreadable lines are skipped."""
+  import json  # pylint: disable=g-import-not-at-top
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def format_pool(p: dict) -> str:
+  lines = [f'{p["runs"]} runs of {", ".join(p["commits"])} ({"; ".join(p["sizes"])}), every turn pooled:']
+  for key, v in p.items():
+    if key.startswith('jmm/'):
+      lines.append(f'throughput {key}: per-turn median {v["median"]:.3f} (bootstrap 90% interval '
+                   f'{v["ci90"][0]:.3f}-{v["ci90"][1]:.3f}) over {v["turns"]} turns; jmm faster in '
+                   f'{v["faster_share"]:.0%} of them')
+  return '\n'.join(lines)
 
 
 def format_record(r: dict) -> str:
@@ -281,6 +354,14 @@ def format_record(r: dict) -> str:
 
 def main(argv) -> None:
   del argv
+  if _POOL.value:
+    if not _RESULTS.value or not os.path.exists(_RESULTS.value):
+      raise SystemExit(f'--pool reads --results, which is missing: {_RESULTS.value!r}')
+    try:
+      print(format_pool(pool_runs(read_results(_RESULTS.value), _POOL.value)), flush=True)
+    except ValueError as e:
+      raise SystemExit(str(e)) from None
+    return
   if _DEVICE.value == 'cpu':
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   record = compare(_SIZE.value, _BATCH.value, _ROUNDS.value, _STEPS.value, _WARMUP.value, _PEERS.value,

@@ -92,6 +92,29 @@ def test_per_turn_ratios_pair_each_turn():
   assert vs_peers.per_turn_ratios([], [], steps=2)['turns'] == 0
 
 
+def test_pool_runs_pools_turns_of_chosen_commits(tmp_path):
+  from benchmarks import vs_peers  # pylint: disable=g-import-not-at-top
+
+  def record(git, jmm, peer, size='S'):
+    return {'machine': {'git': git}, 'size': size, 'batch': 16, 'device': 'cpu', 'steps_per_turn': 1,
+            'sides': {'jmm': {'all_s': jmm}, 'hf': {'all_s': peer}}}
+  # Commit abc: 3 + 2 turns, jmm faster in 3 of the 5 (ratios 1.2, 1.1, 0.9 and 1.05, 0.8); def is excluded.
+  records = [record('abc1234', [1.0, 1.0, 1.0], [1.2, 1.1, 0.9]), record('abc1234+dirty', [2.0, 2.0], [2.1, 1.6]),
+             record('def5678', [1.0], [5.0])]
+  path = tmp_path / 'results.jsonl'
+  path.write_text('\n'.join(json.dumps(r) for r in records) + '\n{broken\n')
+  pooled = vs_peers.pool_runs(vs_peers.read_results(str(path)), ['abc'])
+  hf = pooled['jmm/hf']
+  assert pooled['runs'] == 2 and hf['turns'] == 5
+  assert hf['median'] == pytest.approx(1.05) and hf['faster_share'] == pytest.approx(0.6)
+  assert 0.8 <= hf['ci90'][0] <= hf['median'] <= hf['ci90'][1] <= 1.2
+  assert 'per-turn median 1.050' in vs_peers.format_pool(pooled)
+  with pytest.raises(ValueError, match='no recorded run'):
+    vs_peers.pool_runs(records, ['fff'])
+  with pytest.raises(ValueError, match='different set-ups'):
+    vs_peers.pool_runs(records + [record('abc9', [1.0], [1.0], size='B')], ['abc'])
+
+
 def test_profile_step_attributes_the_step_to_ops(tmp_path):
   out = tmp_path / 'profile.json'
   stdout = _run(['benchmarks/profile_step.py', '--size=tiny', '--batch=4', '--steps=1', '--top=5',
