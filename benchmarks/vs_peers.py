@@ -26,6 +26,7 @@ MAP pooling, a pre-LN and a causal text mask, and projects both towers; its FLOP
 from __future__ import annotations
 
 import os
+import random
 import resource
 import statistics
 import sys
@@ -38,6 +39,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks import plot_results  # noqa: E402
 
 SIZES = {
     # ViT-S/16-class towers for both modalities (the issue's comparison size).
@@ -284,7 +286,6 @@ def pool_runs(records: list[dict], commits, resamples: int = 4000, seed: int = 0
   """Per-turn ratios pooled over the records whose commit (machine.git without '+dirty') starts with one of
   `commits`: {'runs', 'commits' and, per peer, {'turns', 'median', 'ci90' (bootstrap interval of the median),
   'faster_share' (share of turns with ratio >= 1)}}. Raises ValueError when no record matches."""
-  import random  # pylint: disable=g-import-not-at-top
   chosen = [r for r in records
             if any(r.get('machine', {}).get('git', '').split('+')[0].startswith(c) for c in commits)]
   if not chosen:
@@ -308,22 +309,8 @@ def pool_runs(records: list[dict], commits, resamples: int = 4000, seed: int = 0
   return out
 
 
-def read_results(path: str) -> list[dict]:
-  """The records of a results file (JSON lines); unreadable lines are skipped."""
-  import json  # pylint: disable=g-import-not-at-top
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(record, dict):
-        records.append(record)
-  return records
-
-
 def format_pool(p: dict) -> str:
+  """`pool_runs`'s result as lines of text."""
   lines = [f'{p["runs"]} runs of {", ".join(p["commits"])} ({"; ".join(p["sizes"])}), every turn pooled:']
   for key, v in p.items():
     if key.startswith('jmm/'):
@@ -358,7 +345,8 @@ def main(argv) -> None:
     if not _RESULTS.value or not os.path.exists(_RESULTS.value):
       raise SystemExit(f'--pool reads --results, which is missing: {_RESULTS.value!r}')
     try:
-      print(format_pool(pool_runs(read_results(_RESULTS.value), _POOL.value)), flush=True)
+      records, _ = plot_results.read_results(_RESULTS.value)  # Unreadable lines skipped.
+      print(format_pool(pool_runs(records, _POOL.value)), flush=True)
     except ValueError as e:
       raise SystemExit(str(e)) from None
     return

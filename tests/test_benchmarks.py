@@ -103,7 +103,7 @@ def test_pool_runs_pools_turns_of_chosen_commits(tmp_path):
              record('def5678', [1.0], [5.0])]
   path = tmp_path / 'results.jsonl'
   path.write_text('\n'.join(json.dumps(r) for r in records) + '\n{broken\n')
-  pooled = vs_peers.pool_runs(vs_peers.read_results(str(path)), ['abc'])
+  pooled = vs_peers.pool_runs(plot_results.read_results(str(path))[0], ['abc'])
   hf = pooled['jmm/hf']
   assert pooled['runs'] == 2 and hf['turns'] == 5
   assert hf['median'] == pytest.approx(1.05) and hf['faster_share'] == pytest.approx(0.6)
