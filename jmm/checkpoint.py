@@ -14,8 +14,7 @@ import orbax.checkpoint as ocp
 from jmm.optim import param_path
 
 
-class CheckpointMismatchError(ValueError):
-  """The checkpoint in the workdir was written by a model of another shape."""
+from jmm.errors import CheckpointMismatchError  # noqa: F401  (re-exported)
 
 
 class Checkpointer:

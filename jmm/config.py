@@ -12,8 +12,7 @@ from typing import Any
 import ml_collections
 
 
-class ConfigError(ValueError):
-  """A config value is missing, unknown or out of range; the message names the field."""
+from jmm.errors import ConfigError  # noqa: F401  (re-exported: jmm.config.ConfigError)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jmm.config import ConfigError
+from jmm.errors import ConfigError
 
 
 def param_path(path) -> str:

@@ -59,8 +59,7 @@ LOGICAL_RULES = (
 )
 
 
-class MeshError(ValueError):
-  """The mesh in the config does not fit the devices, or the batch does not fit the mesh."""
+from jmm.errors import MeshError  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,8 +36,7 @@ from jmm.models import two_tower
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class WorkdirError(OSError):
-  """The workdir cannot be created or written."""
+from jmm.errors import WorkdirError  # noqa: F401  (re-exported)
 
 
 def ensure_workdir(workdir: str) -> str:

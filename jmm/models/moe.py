@@ -479,7 +479,7 @@ def _as_dict(node) -> dict:
 
 def validate(config) -> None:
   """Checks `config.model.moe` (absent or num_experts=0: nothing to check); ConfigError naming the bad field."""
-  from jmm.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from jmm.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from jmm.models import vit  # pylint: disable=g-import-not-at-top
   moe = _as_dict(config.model.get('moe'))
   if not moe:
@@ -531,7 +531,7 @@ def validate(config) -> None:
 
 def check_mesh(config, mesh) -> None:
   """ConfigError unless the mesh's 'expert' axis divides config.model.moe.num_experts."""
-  from jmm.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from jmm.errors import ConfigError  # pylint: disable=g-import-not-at-top
   moe = config.model.get('moe') or {}
   e, size = moe.get('num_experts', 0), mesh.shape.get('expert', 1)
   if e and size > 1 and e % size:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jmm.config import ConfigError
+from jmm.errors import ConfigError
 
 
 def pairwise_logits(zimg, ztxt, t, b=0.0):
