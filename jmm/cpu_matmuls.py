@@ -39,7 +39,8 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+
+from jmm.kernels.matmul import row_contraction  # noqa: F401  (re-exported; defined below the kernels)
 
 MODES = ('auto', 'onednn', 'xla')
 
@@ -60,25 +61,6 @@ def compiler_options(mode: str, backend: str | None = None) -> dict[str, Any]:
   if mode == 'auto' and platform.machine().lower() not in ('x86_64', 'amd64'):
     return {}
   return dict(ONEDNN_OPTIONS)
-
-
-def row_contraction(a, b):
-  """a^T b over the rows: a [..., M, P], b [..., M, Q] -> [..., P, Q] (batched over the leading axes).
-
-  This is every weight gradient (x^T dy over the tokens) and attention's dV = P^T dO and dK = dS^T Q. oneDNN, as
-  XLA:CPU calls it, reorders a matmul's operands on every call: a left operand whose contracted axis is not its
-  minor one is first copied to row-major, a transpose that costs about 3x the blocking copy the right operand
-  always gets (ONEDNN_VERBOSE on an S/16 step: 9 ms for fc_out's [3136, 1536] activations, 1.9 ms for a
-  [3136, 384] one, 5 ms for a layer's [16, 6, 196, 196] probabilities). XLA makes the left operand a, whatever
-  its width. On a CPU, when a is the wider one, this computes (b^T a)^T instead: the transposed copy is of the
-  narrower b, and the swap of the small [..., Q, P] result is cheap. The optimization barrier keeps XLA's
-  simplifier from folding the swap back into the dot. An S/16 + S/16 SigLIP step's oneDNN reorders fell from
-  625 to 416 ms of op time, the step 2-5% faster (in-process A / B, 8 alternating pairs). Elsewhere (GPU, TPU:
-  the matmul libraries read transposed operands in place) it is the plain einsum.
-  """
-  if jax.default_backend() != 'cpu' or a.shape[-1] <= b.shape[-1]:
-    return jnp.einsum('...mp,...mq->...pq', a, b)
-  return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum('...mq,...mp->...qp', b, a)), -1, -2)
 
 
 _COMPUTATION = re.compile(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', re.S | re.M)

@@ -36,13 +36,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jmm.kernels.mesh_axes import BATCH_AXES  # Mesh axes that split the batch (all but 'tensor').
+
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
-BATCH_AXES = ('data', 'fsdp', 'expert')  # Mesh axes that split the batch (all but 'tensor').
 DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('tensor', 1))
 
 # Logical axis name (models/layers.py) -> mesh axis, in priority order (see the module docstring).
 LOGICAL_RULES = (
-    ('batch', ('data', 'fsdp', 'expert')),
+    ('batch', BATCH_AXES),
     ('expert', 'expert'),
     ('heads', 'tensor'),
     ('mlp', 'tensor'),

@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmm import cpu_matmuls
 from jmm.kernels import flash_attention_gpu
 from jmm.kernels import flash_attention_tpu
 from jmm.kernels import flash_common
+from jmm.kernels import matmul
+from jmm.kernels.mesh_axes import BATCH_AXES
 
 
 def _large_negative() -> jnp.ndarray:
@@ -128,7 +129,7 @@ def _softmax_attention_fwd(q, k, v, mask):
 def _softmax_attention_bwd(residuals, d_out):
   q, k, v, mask, probs, out = residuals
   scale = _logit_scale(q.shape[-1])
-  d_v = cpu_matmuls.row_contraction(probs.astype(d_out.dtype), d_out)  # P^T dO [B, H, Tk, D]
+  d_v = matmul.row_contraction(probs.astype(d_out.dtype), d_out)  # P^T dO [B, H, Tk, D]
   d_probs = jnp.einsum('bhqd,bhkd->bhqk', d_out, v, preferred_element_type=jnp.float32)
   # rowsum(P * dP) = rowsum(dO * O), since O = P V: the same correction from a D-wide instead of a Tk-wide sum.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -137,7 +138,7 @@ def _softmax_attention_bwd(residuals, d_out):
     d_logits = jnp.where(mask, d_logits, 0.0)
   d_logits = (d_logits * scale).astype(q.dtype)
   d_q = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
-  d_k = cpu_matmuls.row_contraction(d_logits, q)  # Contracts the queries: dS^T Q, oriented for oneDNN on a CPU.
+  d_k = matmul.row_contraction(d_logits, q)  # Contracts the queries: dS^T Q, oriented for oneDNN on a CPU.
   return d_q, d_k, d_v.astype(v.dtype), None
 
 
@@ -329,9 +330,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal: bool = False, segment_i
   return fn(q, k, v, mask, causal=causal, segment_ids=segment_ids)
 
 
-# Mesh axes that split the batch and the heads (jmm.parallel's names; this module imports nothing from jmm
-# outside jmm.kernels). Attention is independent per example and per head, so a kernel runs per shard as is.
-BATCH_AXES = ('data', 'fsdp', 'expert')
+# The mesh axis that splits the heads (BATCH_AXES split the batch). Attention is independent per example and per
+# head, so a kernel runs per shard as is.
 HEAD_AXIS = 'tensor'
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jmm.errors import ConfigError
+from jmm.kernels.mesh_axes import BATCH_AXES
 
 
 def pairwise_logits(zimg, ztxt, t, b=0.0):
@@ -62,7 +63,6 @@ def softmax_loss(zimg, ztxt, t):
 # O(b*B + B*dim); dense as partitioned by XLA, O(b*B + B*dim) (rows of the logits), O(B^2) unsharded.
 # benchmarks/loss_memory.py measures it.
 
-BATCH_AXES = ('data', 'fsdp', 'expert')  # Mesh axes that split the batch, in mesh order; 'tensor' replicates it.
 IMPLS = {'sigmoid': ('dense', 'ring', 'bidir', 'gather'), 'softmax': ('dense', 'gather')}
 
 
