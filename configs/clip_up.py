@@ -20,24 +20,21 @@ Dropless routing: --config.model.moe.capacity_factor=0.
 Expert parallelism: --config.mesh=data=-1,expert=4 (num_experts must be a multiple of the expert axis).
 """
 import math
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from jmm.config import parse_arg  # noqa: E402
+from jmm import recipes
+from jmm.config import parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, img='tiny', txt='tiny', res=48, data='synthetic', batch=64, steps=1000, experts=8, k=2,
                   loss='sigmoid')
-  config = common.base_config(arg)
-  config.loss = dict(name=arg.loss, impl='dense')
+  config = recipes.base_config(arg)
+  # The contrastive loss and the MoE layers' load-balance and router z losses (jmm/objectives/moe.py).
+  config.objectives = dict(contrastive=recipes.contrastive(arg.loss),
+                           moe=dict(type='moe', weight=1.0, aux_loss_weight=0.01, z_loss_weight=1e-3))
   if arg.loss == 'softmax':  # A configs/clip.py parent: its temperature and bias initialisation.
     config.model.temperature_init, config.model.bias_init = math.log(1 / 0.07), 0.0
   config.model.moe.update(num_experts=arg.experts, k=arg.k, layers='every_other', towers='image,text',
-                          capacity_factor=2.0, gating='softmax_topk', renormalize=True, aux_loss_weight=0.01,
-                          z_loss_weight=1e-3)
+                          capacity_factor=2.0, gating='softmax_topk', renormalize=True)
   # Continued training: a shorter warmup and a lower peak lr than the dense run (1e-3), as CLIP-UP lowers its lr.
   config.optim.update(lr=3e-4, warmup_steps=50)
   config.init_from = ''  # The dense parent: --config.init_from=DENSE_WORKDIR (empty: train the MoE from scratch).

@@ -4,18 +4,14 @@
   python -m jmm.main --config=configs/pretrained.py:weights=/tmp/siglip.npz,tokenizer=DIR/spiece.model \
       --workdir=/tmp/ft
 
-Everything else (optimizer, data, evaluators) is configs/common.py's; override as usual. The tokenizer must be
+Everything else (optimizer, data, evaluators) is jmm/recipes.py's; override as usual. The tokenizer must be
 the one the weights were trained with (its vocabulary size has to match the embedding table).
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from jmm import convert  # noqa: E402
-from jmm.config import ConfigError, parse_arg  # noqa: E402
+from jmm import convert
+from jmm import recipes
+from jmm.config import ConfigError, parse_arg
 
 
 def get_config(arg=None):
@@ -25,13 +21,16 @@ def get_config(arg=None):
     raise ConfigError('configs/pretrained.py needs weights=FILE.npz (from python -m jmm.convert.import_weights)')
   spec = convert.read_spec(arg.weights)
   arg.res = spec['resolution']
-  config = common.base_config(arg)
-  config.model = ml_collections.ConfigDict(spec['model'])
+  config = recipes.base_config(arg)
+  config.model = ml_collections.ConfigDict({'name': 'two_tower', **spec['model']})
   config.data.resolution = spec['resolution']
   config.data.text_len = spec['text_len']
   for ev in config.evals.values():
-    ev.resolution, ev.text_len = spec['resolution'], spec['text_len']
-  config.loss = dict(name=spec['loss'], impl='dense')
+    ev.text_len = spec['text_len']
+    for data in (ev.get('data'), ev.get('train_data')):
+      if data is not None:
+        data.resolution = spec['resolution']
+  config.objectives = {spec['loss']: recipes.contrastive(spec['loss'])}
   config.init_from = arg.weights
   config.tokenizer.path = arg.tokenizer
   # Released SigLIP texts are padded with eos (big_vision pad_value=1; HF SiglipTokenizer pads with '</s>').

@@ -10,16 +10,13 @@ Variants pick sizes and data: img/txt are 'tiny' or a ViT variant ('S', 'B/16', 
 
 and any field can be overridden: --config.optim.lr=3e-4 --config.total_steps=200.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from jmm.config import parse_arg  # noqa: E402
+from jmm import recipes
+from jmm.config import parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, img='tiny', txt='tiny', res=48, data='synthetic', batch=64, steps=2000)
-  config = common.base_config(arg)
-  config.loss = dict(name='sigmoid', impl='dense')  # impl: dense | ring | bidir | gather (across devices).
+  config = recipes.base_config(arg)
+  # impl: how the loss is computed across devices, dense | ring | bidir | gather (jmm/objectives/contrastive.py).
+  config.objectives = dict(sigmoid=recipes.contrastive('sigmoid', impl='dense'))
   return config

@@ -24,16 +24,19 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   import jax
   from jmm import checkpoint as ckpt_lib
   from jmm import metrics as metrics_lib
-  from jmm import optim
-  from jmm import train
+  from jmm import parallel
+  from jmm import step as step_lib
+  from jmm.data import build as data_build
+  from jmm.evaluators import run as eval_run
+  from jmm.models import build as model_build
 
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'no checkpoints/ folder in workdir {workdir!r}: train there first')
-  tokenizer = train.make_tokenizer(config, workdir)
-  model = train.make_model(config, tokenizer.vocab_size)
-  params, _ = train.init_params(model, config, config.seed)
-  tx, _ = optim.make_optimizer(config.optim, params, config.total_steps)
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jax.numpy.zeros([], jax.numpy.int32)}
+  eval_run.validate(config)
+  tokenizer = data_build.make_tokenizer(config, workdir)
+  model = model_build.make_model(config, tokenizer.vocab_size)
+  mesh = parallel.make_mesh('data=1', devices=jax.local_devices()[:1])  # The restore target; evals embed on it.
+  state, _, _, _ = step_lib.create_state(model, config, data_build.batch_spec(config), mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every)
   try:
     step = step if step is not None else checkpointer.latest_step()
@@ -42,7 +45,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
     state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(state))
   finally:
     checkpointer.close()
-  results = train.run_evaluators(config, train.make_embed_fns(model), state['params'], tokenizer, None)
+  results = eval_run.run_evaluators(config, eval_run.make_embed_fns(model), state['params'], tokenizer, None)
   results = {k: metrics_lib.to_python(v) for k, v in results.items()}
   results['step'] = int(step)
   return results
@@ -50,11 +53,12 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
 
 def main(argv) -> None:
   del argv
-  from jmm import checkpoint
-  from jmm import config as config_lib
+  from jmm import errors
+  from jmm import main as main_lib
+  main_lib.quiet_library_logs()
   try:
     results = evaluate_checkpoint(_CONFIG.value, os.path.abspath(_WORKDIR.value), _STEP.value)
-  except (config_lib.ConfigError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:
+  except errors.USER_ERRORS as e:
     sys.exit(f'error: {e}')
   for k, v in sorted(results.items()):
     print(f'{k:32s} {v:.4f}' if isinstance(v, float) else f'{k:32s} {v}')

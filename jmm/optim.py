@@ -116,3 +116,26 @@ def make_optimizer(config, params, total_steps: int):
       raise ConfigError(f'config.optim.frozen={frozen} freezes every parameter')
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+NAMES = ('adamw', 'adafactor')
+SCHEDULES = ('cosine', 'linear', 'constant')
+
+
+def validate(config) -> None:
+  """Checks `config.optim` before any work; raises ConfigError naming the field."""
+  if config.get('name') not in NAMES:
+    raise ConfigError(f'config.optim.name={config.get("name")!r} is not one of {list(NAMES)}')
+  if config.get('schedule', 'cosine') not in SCHEDULES:
+    raise ConfigError(f'config.optim.schedule={config.get("schedule")!r} is not one of {list(SCHEDULES)}')
+  for field in ('lr', 'wd', 'warmup_steps', 'clip_norm'):
+    value = config.get(field, 0)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f'config.optim.{field} must be a number >= 0, got {value!r}')
+  for pattern in config.get('frozen', ()) or ():
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'config.optim.frozen: bad regex {pattern!r}: {e}') from None

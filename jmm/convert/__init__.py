@@ -173,3 +173,24 @@ def read_spec(path: str) -> dict:
     if common.SPEC_KEY not in z.files:
       raise ValueError(f'{path}: no model description inside; was it written by jmm.convert.import_weights?')
     return json.loads(str(z[common.SPEC_KEY]))
+
+
+def initial_params(path: str, params, *, moe: bool = False):
+  """`config.init_from` for a fresh run: parameters from a jmm workdir or a converted `.npz`, fitted to `params`.
+
+  For a mixture-of-experts model (`moe`), a MoE checkpoint of the same shape loads as is, and a dense parent is
+  upcycled (CLIP-UP: each expert a copy of the dense MLP, routers from the fresh initialisation in `params`).
+  """
+  if not moe:
+    return load_init_params(path, params)
+  from jmm.models import moe as moe_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return load_init_params(path, params)
+  except ValueError as moe_error:
+    try:
+      dense = load_init_params(path, moe_lib.dense_template(params))
+    except ValueError as dense_error:
+      raise ValueError(f'init_from={path!r} fits neither the MoE model ({moe_error}) nor its dense parent '
+                       f'({dense_error})') from None
+  print(f'init_from: upcycled the dense parameters of {path} into the MoE model', flush=True)
+  return moe_lib.upcycle(dense, params)

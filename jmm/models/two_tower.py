@@ -9,7 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmm import config as config_lib
+from jmm.errors import ConfigError
+from jmm.models import build as build_lib
 from jmm.models import layers
+from jmm.models import moe as moe_lib
 from jmm.models import text as text_lib
 from jmm.models import vit
 
@@ -51,11 +55,14 @@ class TwoTower(nn.Module):
   Each tower's head projects to `out_dim` unless its dict sets its own out_dim. dtype / param_dtype apply to
   both towers unless a tower dict overrides them.
   Params 't' (log-temperature, init `temperature_init` = log 10 as in SigLIP; CLIP uses log(1/0.07)) and 'b'
-  (bias, init -10) are float32 scalars; extras['t'] = exp(t), extras['b'] = b.
+  (bias, init -10) are float32 scalars.
+  heads: optional heads by name, {name: {'type': module, **fields}} (see `jmm.models.build`); each runs
+  after the towers and adds its outputs under its own name.
 
-  __call__(image [B, H, W, 3] or None, text int32 [B, L] or None, train=False) ->
-    (zimg [B, out_dim] float32 L2-normalised or None, ztxt likewise or None, extras).
-  Either modality may be None (evaluators embed one at a time); only that tower runs.
+  __call__(batch, train=False) -> outputs. `batch` is a dict holding 'image' [B, H, W, 3] and / or 'text'
+  int32 [B, L] (evaluators embed one modality at a time: only that tower runs) and whatever objectives add.
+  outputs: 'zimg' / 'ztxt' [B, out_dim] float32 L2-normalised (for the modalities given), 'img' / 'txt' (each
+  tower's 'encoded' [B, tokens, width] and 'pre_logits' [B, width]), 't' = exp(t) and 'b', and one entry per head.
   """
   image: Mapping[str, Any]
   text: Mapping[str, Any]
@@ -64,24 +71,74 @@ class TwoTower(nn.Module):
   bias_init: float = -10.0
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  heads: Mapping[str, Mapping[str, Any]] | None = None
 
   @nn.compact
-  def __call__(self, image, text, train: bool = False):
+  def __call__(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, Any]:
     defaults = dict(out_dim=self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype)
-    extras = {}
-    zimg = ztxt = None
-    if image is not None:
+    outputs = {}
+    if batch.get('image') is not None:
       img_tower = vit.ViT(**tower_kwargs(self.image, vit.ViT, **defaults), name='img')
-      emb, extras['img'] = img_tower(image, train=train)
-      zimg = l2_normalize(emb)  # [B, out_dim]
-    if text is not None:
+      emb, outputs['img'] = img_tower(batch['image'], train=train)
+      outputs['zimg'] = l2_normalize(emb)  # [B, out_dim]
+    if batch.get('text') is not None:
       txt_tower = text_lib.TextTransformer(**tower_kwargs(self.text, text_lib.TextTransformer, **defaults),
                                            name='txt')
-      emb, extras['txt'] = txt_tower(text, train=train)
-      ztxt = l2_normalize(emb)  # [B, out_dim]
+      emb, outputs['txt'] = txt_tower(batch['text'], train=train)
+      outputs['ztxt'] = l2_normalize(emb)  # [B, out_dim]
     # Scalars stay float32 whatever param_dtype is: the logits scale is too sensitive for bf16.
     t = self.param('t', layers.partitioned(nn.initializers.constant(self.temperature_init), ()), (), jnp.float32)
     b = self.param('b', layers.partitioned(nn.initializers.constant(self.bias_init), ()), (), jnp.float32)
-    extras['t'] = jnp.exp(t)
-    extras['b'] = b
-    return zimg, ztxt, extras
+    outputs['t'] = jnp.exp(t)
+    outputs['b'] = b
+    for name, head in (self.heads or {}).items():
+      fields = {k: v for k, v in dict(head).items() if k != 'type'}
+      outputs[name] = config_lib.lookup('models', head['type']).Head(**fields, name=f'head_{name}')(
+          outputs, batch, train=train)
+    return outputs
+
+
+def build(config, vocab_size: int) -> TwoTower:
+  """The two-tower model described by `config.model` (the contract of `jmm.models.build.make_model`)."""
+  m = config.model
+  impl = config.get('attention_impl', 'xla')
+  image = {**_as_dict(m.image), 'attention_impl': impl}
+  text = {**_as_dict(m.text), 'vocab_size': vocab_size, 'attention_impl': impl}
+  for tower, name in ((image, 'image'), (text, 'text')):
+    moe = moe_lib.tower_moe(config, name)
+    if moe:  # Mixture-of-experts MLPs in some blocks (config.model.moe).
+      tower['moe'] = moe
+    if tower.get('patch_size') is not None:
+      tower['patch_size'] = tuple(tower['patch_size'])
+    for k in [k for k, v in tower.items() if v is None or v == '']:
+      del tower[k]
+  heads = {name: _as_dict(head) for name, head in _as_dict(m.get('heads') or {}).items()}
+  return TwoTower(image=image, text=text, out_dim=m.out_dim, temperature_init=m.temperature_init,
+                  bias_init=m.bias_init, dtype=build_lib.DTYPES[config.get('dtype', 'float32')], heads=heads or None)
+
+
+def validate(config) -> None:
+  """Checks config.model for this model: tower variants, the patch size against the resolution, MoE fields."""
+  for tower in ('image', 'text'):
+    variant = config.model[tower].get('variant')
+    if variant:
+      try:
+        vit.decode_variant(variant)
+      except ValueError as e:
+        raise ConfigError(f'config.model.{tower}.variant: {e}') from None
+  patch = config.model.image.get('patch_size')
+  if patch is None and config.model.image.get('variant'):
+    patch = vit.decode_variant(config.model.image.variant).get('patch_size')
+  resolution = config.data.resolution
+  if patch is not None and resolution % patch[0]:
+    raise ConfigError(f'config.data.resolution={resolution} is not divisible by the patch size {tuple(patch)}')
+  for name, head in (config.model.get('heads') or {}).items():
+    if 'type' not in head:
+      raise ConfigError(f'config.model.heads.{name} needs a type (a module with a Head class)')
+    if not hasattr(config_lib.lookup('models', head['type']), 'Head'):
+      raise ConfigError(f'config.model.heads.{name}.type={head["type"]!r} has no Head class')
+  moe_lib.validate(config)  # config.model.moe: mixture-of-experts fields (absent or num_experts=0: dense).
+
+
+def _as_dict(node) -> dict:
+  return node.to_dict() if hasattr(node, 'to_dict') else dict(node)

@@ -1,7 +1,8 @@
 """Contrastive image-text objectives: SigLIP's sigmoid loss and CLIP's softmax loss.
 
 Both take L2-normalised embeddings `zimg` [batch, dim] and `ztxt` [batch, dim] where row i of each is a matching
-pair. `config.loss.name` picks the loss; `config.loss.impl` picks how it is computed across devices: 'dense'
+pair. The objective's section (`config.objectives.NAME`, type 'contrastive') has `loss`: 'sigmoid' or 'softmax', and
+`impl`: how it is computed across devices, 'dense'
 (the single-device formulas below, on global arrays) or 'ring' / 'bidir' / 'gather' (per device under
 `jax.shard_map`, never holding the global B x B logits; see "Losses across devices" below).
 """
@@ -75,11 +76,11 @@ def batch_axes(mesh=None) -> tuple[str, ...]:
 
 
 def check_impl(name: str, impl: str) -> None:
-  """Raises ConfigError (a ValueError) naming `config.loss.impl` when `impl` cannot compute loss `name`."""
+  """Raises ConfigError (a ValueError) naming the field when `impl` cannot compute loss `name`."""
   if name not in IMPLS:
-    raise ConfigError(f'config.loss.name={name!r} is not one of {sorted(IMPLS)}')
+    raise ConfigError(f'loss={name!r} is not one of {sorted(IMPLS)}')
   if impl not in IMPLS[name]:
-    raise ConfigError(f'config.loss.impl={impl!r} is not available for config.loss.name={name!r}; '
+    raise ConfigError(f'impl={impl!r} is not available for loss={name!r}; '
                      f'choose one of {list(IMPLS[name])}')
 
 
@@ -263,7 +264,7 @@ def sharded_loss(zimg, ztxt, t, b, name='sigmoid', impl='ring', mesh=None):
   if impl == 'dense' or n == 1:
     return _dense_terms(zimg, ztxt, t, b, name)
   if zimg.shape[0] != ztxt.shape[0] or zimg.shape[0] % n:
-    raise ValueError(f'config.loss.impl={impl!r} needs image and text batches of equal size divisible by the '
+    raise ValueError(f'impl={impl!r} needs image and text batches of equal size divisible by the '
                      f'{n} devices of the batch axes {axes}; got {zimg.shape[0]} and {ztxt.shape[0]}')
 
   def per_device(zimg, ztxt, t, b):  # zimg, ztxt: [B / n, dim]; t, b replicated.
@@ -292,31 +293,33 @@ def _dense_terms(zimg, ztxt, t, b, name):
   return loss, stats
 
 
-def loss_fn(outputs, batch, config):
-  """The objective's common signature: `(zimg, ztxt, extras)`, batch, config.loss -> (loss, metrics)."""
+def validate(config) -> None:
+  """Checks this objective's section of `config.objectives`: `loss` ('sigmoid' | 'softmax') and `impl`."""
+  check_impl(config.get('loss', 'sigmoid'), config.get('impl', 'dense'))
+
+
+def loss(outputs, batch, config):
+  """The objective contract (`jmm.objectives`): outputs 'zimg', 'ztxt', 't', 'b' -> (loss, metrics).
+
+  config: this objective's section, `loss` ('sigmoid' | 'softmax') and `impl` (how across devices).
+  """
   del batch  # Pairs are aligned by position; the batch carries nothing else the loss needs.
-  zimg, ztxt, extras = outputs
-  t, b = extras['t'], extras['b']
-  impl = getattr(config, 'impl', 'dense')
-  check_impl(config.name, impl)
+  zimg, ztxt, t, b = outputs['zimg'], outputs['ztxt'], outputs['t'], outputs['b']
+  name, impl = config.get('loss', 'sigmoid'), config.get('impl', 'dense')
+  check_impl(name, impl)
   axes = batch_axes()
   if impl != 'dense' and math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes) > 1:
     # Same metrics as below, from per-device blocks; in-batch accuracy counts a tie with the positive as a hit.
-    loss, stats = sharded_loss(zimg, ztxt, t, b, config.name, impl)
+    value, stats = sharded_loss(zimg, ztxt, t, b, name, impl)
     n = zimg.shape[0]
-    metrics = {'loss': loss, 't': t, 'b': b, 'sim_pos': stats['pos'] / n,
+    metrics = {'t': t, 'b': b, 'sim_pos': stats['pos'] / n,
                'sim_neg': (stats['all'] - stats['pos']) / max(n * (n - 1), 1), 'batch_i2t_acc': stats['hits'] / n}
-    return loss, metrics
-  if config.name == 'sigmoid':
-    loss = sigmoid_loss(zimg, ztxt, t, b)
-  elif config.name == 'softmax':
-    loss = softmax_loss(zimg, ztxt, t)
-  else:
-    raise ValueError(f'config.loss.name={config.name!r} is not one of sigmoid, softmax')
+    return value, metrics
+  value = sigmoid_loss(zimg, ztxt, t, b) if name == 'sigmoid' else softmax_loss(zimg, ztxt, t)
   sims = pairwise_logits(zimg, ztxt, 1.0)  # [batch, batch] cosine similarities.
   n = sims.shape[0]
   pos = jnp.trace(sims) / n
   neg = (jnp.sum(sims) - jnp.trace(sims)) / max(n * (n - 1), 1)
   in_batch_acc = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(n))
-  metrics = {'loss': loss, 't': t, 'b': b, 'sim_pos': pos, 'sim_neg': neg, 'batch_i2t_acc': in_batch_acc}
-  return loss, metrics
+  metrics = {'t': t, 'b': b, 'sim_pos': pos, 'sim_neg': neg, 'batch_i2t_acc': in_batch_acc}
+  return value, metrics

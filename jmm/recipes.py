@@ -1,7 +1,12 @@
-"""Config parts shared by the recipes: data, tokenizer, towers, optimizer, checkpoints, evaluators."""
+"""Config parts shared by the recipe files in configs/: data, tokenizer, towers, optimizer, checkpoints, evaluators.
+
+Part of the package (not of configs/) so that a config file anywhere imports it as `from jmm import recipes`.
+"""
 import math
 
 import ml_collections
+
+from jmm.models import moe
 
 # The default tiny towers: sized so the default run finishes on a 2-core CPU in under 10 minutes. Shape, not
 # colour, is what limits zero-shot accuracy on the synthetic data, so the image tower gets the compute (48 px,
@@ -18,14 +23,21 @@ def tower(name: str, tiny: dict, **extra) -> dict:
   return {'variant': name, **extra}
 
 
+def contrastive(loss: str = 'sigmoid', impl: str = 'dense', weight: float = 1.0) -> dict:
+  """A `config.objectives` entry for the contrastive objective (jmm/objectives/contrastive.py)."""
+  return dict(type='contrastive', weight=weight, loss=loss, impl=impl)
+
+
 def base_config(arg) -> ml_collections.ConfigDict:
-  """Everything but the loss: a two-tower model on the data set named by `arg.data`."""
+  """Everything but the objectives: a two-tower model on the data set named by `arg.data`."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
   c.batch_size = arg.batch
   c.log_every = 50
-  c.objective = 'contrastive'
+  # A step whose loss or gradient norm is not finite is skipped (params and optimizer state unchanged, counted
+  # as 'nonfinite_steps'); this many in a row stop the run (NonFiniteError).
+  c.max_nonfinite_steps = 10
   c.dtype = 'float32'              # Compute dtype; parameters stay float32. 'bfloat16' on accelerators.
   c.attention_impl = 'xla'
   # Host malloc for XLA:CPU (jmm/hostmem.py): 'auto' keeps each step's temporaries in the heap instead of
@@ -51,6 +63,7 @@ def base_config(arg) -> ml_collections.ConfigDict:
   c.tokenizer = dict(path='', vocab_size=128, train_sentences=20000)  # path='' -> trained and cached.
 
   c.model = dict(
+      name='two_tower',  # jmm/models/two_tower.py.
       image=tower(arg.img, TINY_IMAGE, pool_type='map'),
       text=tower(arg.txt, TINY_TEXT, pool_type='last'),
       out_dim=128 if arg.img == 'tiny' else 768,
@@ -59,12 +72,10 @@ def base_config(arg) -> ml_collections.ConfigDict:
   )
   # Mixture of experts (jmm/models/moe.py, configs/clip_up.py): num_experts=0 is the dense model. Fields: k (top-k),
   # layers ('every_other' = blocks 1, 3, ...; 'all'; 'last_n:N'; '1,3'), towers, capacity_factor (0 = dropless),
-  # gating ('softmax_topk' | 'topk_softmax'), renormalize, loss weights, groups (routing groups; 0 = one per batch
-  # shard), impl (grouped matmul), dispatch (expert parallelism: 'capacity' = padded all_to_all;
-  # 'ragged' = ragged_all_to_all with capacity_factor=0, emulated on CPU).
-  c.model.moe = dict(num_experts=0, k=2, layers='every_other', towers='image,text', capacity_factor=2.0,
-                     gating='softmax_topk', renormalize=True, aux_loss_weight=0.01, z_loss_weight=1e-3, groups=0,
-                     impl='auto', dispatch='capacity')
+  # gating ('softmax_topk' | 'topk_softmax'), renormalize, groups (routing groups; 0 = one per batch shard), impl
+  # (grouped matmul), dispatch (expert parallelism: 'capacity' = padded all_to_all; 'ragged' = ragged_all_to_all
+  # with capacity_factor=0, emulated on CPU). Its auxiliary losses are the 'moe' objective (configs/clip_up.py).
+  c.model.moe = {k: v for k, v in moe.DEFAULTS.items() if k not in ('aux_loss_weight', 'z_loss_weight')}
   # lr: 1e-3 beat 2e-3 and 3e-3 clearly (zero-shot 67% vs 35% and 18% at ~500 steps), and 5e-4 (61%).
   # wd (AdamW's, multiplied by the lr): 0.1 gave 81.7% zero-shot against 78.0% with 1e-4 on the default run.
   c.optim = dict(name='adamw', lr=1e-3, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100,
@@ -74,11 +85,14 @@ def base_config(arg) -> ml_collections.ConfigDict:
   # Initial parameters (a fresh run only): a jmm workdir, or a .npz from `python -m jmm.convert.import_weights`.
   c.init_from = ''
 
-  heldout = dict(resolution=arg.res, seed=1, batch_size=250, text_len=12)
+  # Evaluators (jmm/evaluators) and the data each reads: the synthetic held-out split (seed 1) by default.
+  heldout = dict(name='synthetic', split='test', resolution=arg.res, seed=1, max_objects=1)
   c.evals = dict(
-      zeroshot=dict(type='zeroshot', every=1000, num_examples=2000, **heldout),
-      retrieval=dict(type='retrieval', every=0, num_examples=1000, **heldout),
-      linear_probe=dict(type='linear_probe', every=0, num_examples=1000, train_examples=2000, **heldout),
+      zeroshot=dict(type='synthetic_zeroshot', every=1000, batch_size=250, text_len=12,
+                    data=dict(heldout, num_examples=2000)),
+      retrieval=dict(type='retrieval', every=0, batch_size=250, text_len=12, data=dict(heldout, num_examples=1000)),
+      linear_probe=dict(type='linear_probe', every=0, batch_size=250, data=dict(heldout, num_examples=1000),
+                        train_data=dict(heldout, split='train', num_examples=2000)),
   )
   c.debug = dict(kill_at_step=-1)  # Test hook: SIGKILL itself after the checkpoint of this step.
   return c
