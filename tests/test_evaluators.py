@@ -1,9 +1,15 @@
 """Evaluators on constructed embeddings with known answers, plus evaluate() with fake towers and data."""
+import inspect
+import io
+import tarfile
+
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
-from jmm.evaluators import common, linear_probe, retrieval, zeroshot
+from jmm.errors import ConfigError
+from jmm.evaluators import common, linear_probe, retrieval, synthetic_zeroshot, zeroshot
 
 # ----------------------------------------------------------------------------------------------------------
 # Fakes: 3 colours x 2 shapes, a word-level tokenizer, a source whose pixels encode the example.
@@ -23,7 +29,7 @@ class FakeTokenizer:
   def encode(self, texts, max_len):
     out = np.zeros((len(texts), max_len), np.int32)
     for row, text in enumerate(texts):
-      ids = [self.vocab[w] for w in text.split()] + [1]
+      ids = [self.vocab[w] for w in text.replace('.', ' ').split()] + [1]
       out[row, :min(len(ids), max_len)] = ids[:max_len]
     return out
 
@@ -111,19 +117,19 @@ def test_topk_accuracy():
   assert zeroshot.topk_accuracy(logits, labels, k=2) == pytest.approx(1.0)
 
 
-def test_zeroshot_metrics_split_seen_and_unseen():
+def test_synthetic_zeroshot_metrics_split_seen_and_unseen():
   class_emb = np.eye(len(CLASS_NAMES))
   labels = np.arange(len(CLASS_NAMES)).repeat(2)  # [12]
   seen = np.array([l not in UNSEEN for l in labels])
   # Seen pairs are recognised; unseen ones get the right colour but the other shape.
   pred = np.where(seen, labels, labels // 2 * 2 + (1 - labels % 2))
-  metrics = zeroshot.zeroshot_metrics(class_emb[pred], class_emb, labels, seen, num_shapes=len(SHAPES))
+  metrics = synthetic_zeroshot.zeroshot_metrics(class_emb[pred], class_emb, labels, seen, num_shapes=len(SHAPES))
   assert metrics == pytest.approx(dict(top1=8 / 12, top1_seen=1.0, top1_unseen=0.0, colour_top1=1.0,
                                        shape_top1=8 / 12))
   np.testing.assert_array_equal(zeroshot.zeroshot_predictions(class_emb[pred], class_emb), pred)
 
 
-def test_zeroshot_evaluate_with_fake_towers(fake_data):
+def test_synthetic_zeroshot_evaluate_with_fake_towers(fake_data):
   tokenizer = fake_data
   class_of_word = {}
   for cls, name in enumerate(CLASS_NAMES):
@@ -145,12 +151,20 @@ def test_zeroshot_evaluate_with_fake_towers(fake_data):
     assert np.all(out.sum(axis=1) == 1)
     return out
 
-  config = ml_collections.ConfigDict(dict(num_examples=40, batch_size=16, text_len=8, seed=0, resolution=4))
-  metrics = zeroshot.evaluate(embed_images, embed_texts, tokenizer, config)
+  config = ml_collections.ConfigDict(dict(
+      type='synthetic_zeroshot', batch_size=16, text_len=8,
+      data=dict(name='synthetic', split='test', num_examples=40, seed=0, resolution=8)))
+  synthetic_zeroshot.validate(config)
+  metrics = synthetic_zeroshot.evaluate(embed_images, embed_texts, tokenizer, config)
   labels = FakeSource('test', 40).labels
   seen_frac = np.mean([l not in UNSEEN for l in labels])
   assert metrics == pytest.approx(dict(top1=seen_frac, top1_seen=1.0, top1_unseen=0.0, colour_top1=1.0,
                                        shape_top1=seen_frac))
+  # The generic evaluator on the same data takes the class names from it and reports top-k only.
+  generic = dict(config.to_dict(), type='zeroshot', templates=list(synthetic_zeroshot.DEFAULT_TEMPLATES), ks=(1, 6))
+  zeroshot.validate(generic)
+  assert zeroshot.evaluate(embed_images, embed_texts, tokenizer, generic) == pytest.approx(
+      dict(top1=seen_frac, top6=1.0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ def test_retrieval_evaluate_with_fake_towers(fake_data):
   def embed_texts(tokens):
     return np.eye(64)[[next(number_ids[t] for t in row if t in number_ids) for row in tokens]]
 
-  config = ml_collections.ConfigDict(dict(num_examples=30, batch_size=8, text_len=8))
+  config = ml_collections.ConfigDict(dict(batch_size=8, text_len=8, data=dict(name='synthetic', num_examples=30)))
   metrics = retrieval.evaluate(embed_images, embed_texts, tokenizer, config)
   assert metrics == {f'{d}_r{k}': 1.0 for d in ('i2t', 't2i') for k in (1, 5, 10)}
 
@@ -274,11 +288,13 @@ def test_linear_probe_evaluate_with_fake_towers(fake_data):
     labels = np.where(np.isin(labels, list(UNSEEN)), labels // 2 * 2 + (1 - labels % 2), labels)
     return np.eye(len(CLASS_NAMES))[labels] + 0.05 * rng.normal(size=(len(labels), len(CLASS_NAMES)))
 
-  config = ml_collections.ConfigDict(dict(train_examples=60, num_examples=40, batch_size=16))
+  config = ml_collections.ConfigDict(dict(train_examples=60, batch_size=16,
+                                          data=dict(name='synthetic', num_examples=40)))
+  linear_probe.validate(config)
   metrics = linear_probe.evaluate(embed_images, None, None, config)
   # The probe never sees the unseen pairs (and they look like seen ones), so it gets exactly the seen ones right.
   seen_frac = np.mean([l not in UNSEEN for l in FakeSource('test', 40).labels])
-  assert metrics == pytest.approx(dict(top1=seen_frac, top1_seen=1.0))
+  assert metrics == pytest.approx(dict(top1=seen_frac))
   config.l2 = 0.1
   assert linear_probe.evaluate(embed_images, None, None, config) == pytest.approx(metrics)
 
@@ -290,8 +306,8 @@ def test_evaluators_on_synthetic_captions_with_oracle_towers(tmp_path):
   from jmm.data import synthetic
   from jmm.data import tokenizer as tokenizer_lib
 
-  config = ml_collections.ConfigDict(dict(num_examples=96, train_examples=480, resolution=16, seed=3,
-                                          batch_size=32, text_len=32))
+  config = ml_collections.ConfigDict(dict(train_examples=480, batch_size=32, text_len=32,
+                                          data=dict(name='synthetic', num_examples=96, resolution=16, seed=3)))
   attributes = {}  # image bytes -> (label, size, position): the oracle image tower looks its input up.
   for split, n in (('test', 96), ('train', 480)):
     source = synthetic.SyntheticCaptions(split, resolution=16, num_examples=n, seed=3)
@@ -323,7 +339,7 @@ def test_evaluators_on_synthetic_captions_with_oracle_towers(tmp_path):
   sentences = synthetic.SyntheticCaptions('train', num_examples=2000).captions(2000)
   tokenizer = tokenizer_lib.train_tokenizer(sentences, str(tmp_path / 'tokenizer.model'), vocab_size=64)
 
-  metrics = zeroshot.evaluate(embed_images, embed_texts, tokenizer, config)
+  metrics = synthetic_zeroshot.evaluate(embed_images, embed_texts, tokenizer, config)
   assert metrics == pytest.approx(dict(top1=1.0, top1_seen=1.0, top1_unseen=1.0, colour_top1=1.0,
                                        shape_top1=1.0))
 
@@ -332,9 +348,8 @@ def test_evaluators_on_synthetic_captions_with_oracle_towers(tmp_path):
   assert metrics['i2t_r10'] == metrics['t2i_r10'] == 1.0  # Only a few images share all attributes.
   assert metrics['i2t_r1'] >= 0.9 and metrics['t2i_r1'] >= 0.9
 
-  seen = common.synthetic_split('test', config, num_examples=96)['seen']
+  seen = common.load_data(config.data)['seen']
   metrics = linear_probe.evaluate(embed_images, embed_texts, tokenizer, config)
-  assert metrics['top1_seen'] == 1.0
   assert metrics['top1'] == pytest.approx(np.mean(seen))  # The unseen pairs are never in the probe's training.
 
 
@@ -352,3 +367,251 @@ def test_ridge_dual_form_matches_primal():
   xc, yc = x - x.mean(0), np.eye(3)[y] - np.eye(3)[y].mean(0)
   np.testing.assert_allclose(w, np.linalg.solve(xc.T @ xc + 0.5 * np.eye(10), xc.T @ yc), atol=1e-10)
   np.testing.assert_allclose(b, np.eye(3)[y].mean(0) - x.mean(0) @ w, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-synthetic data fed by config: ArrayRecord / WebDataset / TFDS examples with captions and integer labels.
+# ----------------------------------------------------------------------------------------------------------
+ANIMALS = ('cat', 'dog', 'bird', 'fish')
+TEMPLATES = ('a photo of a {}.', 'a {} in the wild')
+RES = 8
+
+
+def _png(label: int, uid: int) -> bytes:
+  """A solid RES x RES PNG (lossless, so the pixels survive): red = 50 * label, green = 8 * uid."""
+  image = np.zeros((RES, RES, 3), np.uint8)
+  image[..., 0], image[..., 1] = 50 * label, 8 * uid
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+def image_ids(images):
+  """(label, uid) planted by `_png`, read back from float images in [-1, 1]."""
+  return pixel(images, 0) // 50, pixel(images, 1) // 8
+
+
+def _examples(uids):
+  return [(uid, (uid * 7) % len(ANIMALS), f'a {ANIMALS[(uid * 7) % len(ANIMALS)]} number{uid}') for uid in uids]
+
+
+TEST, TRAIN = _examples(range(13)), _examples(range(13, 30))
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """Test and train ArrayRecord files (msgpack maps with a 'label'), a WebDataset shard of the test examples
+  (KEY.png, KEY.txt, KEY.cls) and class-name / template text files. One bad record in each test set."""
+  from jmm.data import array_record  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('evaldata')
+
+  def records(examples):
+    return [array_record.msgpack.packb({'image': _png(label, uid), 'caption': caption, 'label': label})
+            for uid, label, caption in examples]
+
+  test_records = records(TEST)
+  test_records.insert(5, array_record.msgpack.packb({'image': b'not an image', 'caption': 'a bad one', 'label': 0}))
+  array_record.write_records(str(d / 'test.array_record'), test_records)
+  array_record.write_records(str(d / 'train.array_record'), records(TRAIN))
+  with tarfile.open(d / 'test-000.tar', 'w') as tar:
+    members = []
+    for uid, label, caption in TEST[:6]:
+      members += [(f'{uid:04d}.png', _png(label, uid)), (f'{uid:04d}.txt', caption.encode()),
+                  (f'{uid:04d}.cls', f'{label}\n'.encode())]
+    members += [('nolabel.png', _png(1, 13)), ('nolabel.txt', b'a dog number13')]  # Skipped by label readers.
+    for uid, label, caption in TEST[6:]:
+      members += [(f'{uid:04d}.cls', str(label).encode()), (f'{uid:04d}.png', _png(label, uid)),
+                  (f'{uid:04d}.txt', caption.encode())]
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  (d / 'classes.txt').write_text('\n'.join(ANIMALS) + '\n')
+  (d / 'templates.txt').write_text('\n'.join(TEMPLATES) + '\n\n')
+  return d
+
+
+def animal_tokenizer():
+  words = ['a', 'photo', 'of', 'in', 'the', 'wild', *ANIMALS] + [f'number{i}' for i in range(64)]
+  return FakeTokenizer(words)
+
+
+def array_record_data(files, split='test', **kw):
+  return dict(name='array_record', split=split, paths=str(files / f'{split}.array_record'), resolution=RES, **kw)
+
+
+def test_zeroshot_on_file_data_with_class_names_and_templates_from_files(files):
+  tokenizer = animal_tokenizer()
+  prompts = []
+
+  def embed_images(images):  # Right class, except that every third example leans to the next class.
+    labels, uids = image_ids(images)
+    eye = np.eye(len(ANIMALS))
+    return np.where((uids % 3 == 0)[:, None], 0.8 * eye[(labels + 1) % 4] + 0.6 * eye[labels], eye[labels])
+
+  def embed_texts(tokens):  # One-hot of the animal named; records each prompt it is given.
+    words = {v: k for k, v in tokenizer.vocab.items()}
+    out = np.zeros((len(tokens), len(ANIMALS)))
+    for row, ids in enumerate(tokens):
+      text = ' '.join(words.get(int(t), '') for t in ids if t > 1)
+      prompts.append(text)
+      out[row, [i for i, a in enumerate(ANIMALS) if a in text.split()]] = 1.0
+    return out
+
+  good_uids = np.array([uid for uid, _, _ in TEST])
+  expected = dict(top1=np.mean(good_uids % 3 != 0), top2=1.0)
+  for data in (array_record_data(files),
+               dict(name='webdataset', paths=str(files / 'test-{000..000}.tar'), resolution=RES)):
+    config = ml_collections.ConfigDict(dict(
+        type='zeroshot', data=data, class_names=str(files / 'classes.txt'), templates=str(files / 'templates.txt'),
+        label_key='label' if data['name'] == 'array_record' else 'cls', ks=(1, 2), batch_size=4, text_len=8))
+    zeroshot.validate(config)
+    prompts.clear()
+    assert zeroshot.evaluate(embed_images, embed_texts, tokenizer, config) == pytest.approx(expected), data['name']
+    assert prompts[:8] == [t.format(a).replace('.', '') for a in ANIMALS for t in TEMPLATES]  # Class-major.
+  # Class names and templates given as lists, num_examples honoured (the bad record is skipped, not counted).
+  config = dict(data=array_record_data(files, num_examples=7), class_names=list(ANIMALS), batch_size=4,
+                text_len=8, ks=(1,))
+  assert zeroshot.evaluate(embed_images, embed_texts, tokenizer, config) == pytest.approx(
+      dict(top1=np.mean(good_uids[:7] % 3 != 0)))
+
+
+def test_zeroshot_on_tfds_labels(monkeypatch):
+  from jmm.data import mixture, tfds_source  # pylint: disable=g-import-not-at-top
+
+  class FakeTfds:
+    def __len__(self):
+      return 6
+
+    def __getitem__(self, i):
+      image = np.zeros((RES, RES, 3), np.uint8)
+      image[..., 0], image[..., 1] = 50 * (i % 4), i
+      return {'image': image, 'caption': np.array(b'a photo'), 'label': np.int64(i % 4)}
+
+  monkeypatch.setattr(mixture, '_CACHE', {})
+  config = dict(data=dict(name='tfds', tfds_name='fake_animals', resolution=RES), class_names=list(ANIMALS),
+                batch_size=4, text_len=8, ks=(1,))
+  zeroshot.validate(config)
+  tokenizer = FakeTokenizer(ANIMALS)
+  animal_of_token = {tokenizer.vocab[a]: i for i, a in enumerate(ANIMALS)}
+
+  def embed_images(images):  # The label planted in the pixels, except that example 5 looks like class 0.
+    labels = pixel(images, 0) // 50
+    return np.eye(4)[np.where(pixel(images, 1) == 5, 0, labels)]
+
+  def embed_texts(tokens):
+    return np.eye(4)[[animal_of_token[t] for t in tokens[:, 0]]]
+
+  def fake_tfds(name, split, data_dir):
+    assert (name, split, data_dir or None) == ('fake_animals', 'test', None)
+    return FakeTfds()
+
+  monkeypatch.setattr(tfds_source, '_tfds_data_source', fake_tfds)
+  metrics = zeroshot.evaluate(embed_images, embed_texts, tokenizer, dict(config, templates=['{}']))
+  assert metrics == {'top1': pytest.approx(5 / 6)}  # Labels 0 1 2 3 0 1; the last one is missed.
+
+
+def test_retrieval_on_webdataset(files):
+  tokenizer = animal_tokenizer()
+  number_ids = {tokenizer.vocab[f'number{i}']: i for i in range(64)}
+  swapped = {0: 1, 1: 0}  # Images 0 and 1 embed as each other: both directions miss them at rank 1.
+
+  def embed_images(images):
+    return np.eye(64)[[swapped.get(u, u) for u in image_ids(images)[1]]]
+
+  def embed_texts(tokens):
+    return np.eye(64)[[next(number_ids[t] for t in row if t in number_ids) for row in tokens]]
+
+  config = dict(type='retrieval', data=dict(name='webdataset', paths=str(files / 'test-000.tar'), resolution=RES,
+                                            image_key='png', caption_key='txt'),
+                batch_size=5, text_len=8, ks=(1, 2))
+  retrieval.validate(config)
+  metrics = retrieval.evaluate(embed_images, embed_texts, tokenizer, config)
+  n = len(TEST) + 1  # The example without a label counts here: retrieval reads no label.
+  assert metrics == pytest.approx(dict(i2t_r1=(n - 2) / n, i2t_r2=1.0, t2i_r1=(n - 2) / n, t2i_r2=1.0))
+  data = common.load_data(config['data'], fields=('image', 'caption'))
+  assert sorted(image_ids(common.images_to_float(data['image']))[1]) == list(range(n))
+  sims = embed_images(common.images_to_float(data['image'])) @ embed_texts(tokenizer.encode(data['caption'], 8)).T
+  for k in (1, 2):  # The direct computation: brute force over the same pairs.
+    i2t, t2i = brute_force_recall(sims, np.arange(n), k)
+    assert metrics[f'i2t_r{k}'] == pytest.approx(i2t) and metrics[f't2i_r{k}'] == pytest.approx(t2i)
+
+
+def test_linear_probe_on_array_record(files):
+  def embed_images(images):  # The label's one-hot, a little uid noise; every fourth test image looks mislabelled.
+    labels, uids = image_ids(images)
+    fooled = (uids < 13) & (uids % 4 == 0)
+    labels = np.where(fooled, (labels + 1) % 4, labels)
+    return np.eye(4)[labels] + 0.01 * np.sin(np.outer(uids, np.arange(4)))
+
+  config = dict(type='linear_probe', data=array_record_data(files), train_data=array_record_data(files, 'train'),
+                batch_size=8)
+  linear_probe.validate(config)
+  metrics = linear_probe.evaluate(embed_images, None, None, config)
+  uids = np.array([uid for uid, _, _ in TEST])
+  assert metrics == pytest.approx(dict(top1=np.mean(uids % 4 != 0)))
+  # Against the direct computation on the same embeddings (num_classes = max label + 1 = 4).
+  train, test = (common.load_data(d, fields=('image', 'label')) for d in (config['train_data'], config['data']))
+  x_train, x_test = (embed_images(common.images_to_float(d['image'])) for d in (train, test))
+  l2 = linear_probe.select_l2(x_train, train['label'], 4, seed=0)
+  w, b = linear_probe.fit_ridge(x_train, train['label'], 4, l2)
+  assert metrics['top1'] == np.mean(linear_probe.ridge_predict(w, b, x_test) == test['label'])
+
+
+def test_generic_zeroshot_knows_nothing_of_the_synthetic_data():
+  assert 'synthetic' not in inspect.getsource(zeroshot)
+  modules = {m.__name__ for m in vars(zeroshot).values() if inspect.ismodule(m)}
+  assert 'jmm.data.synthetic' not in modules
+
+
+def test_default_eval_config_validates():
+  heldout = dict(name='synthetic', split='test', resolution=32, seed=1, max_objects=1)
+  evals = ml_collections.ConfigDict(dict(
+      zeroshot=dict(type='synthetic_zeroshot', every=1000, batch_size=250, text_len=12,
+                    data=dict(heldout, num_examples=2000)),
+      retrieval=dict(type='retrieval', every=0, batch_size=250, text_len=12, data=dict(heldout, num_examples=1000)),
+      linear_probe=dict(type='linear_probe', every=0, batch_size=250, data=dict(heldout, num_examples=1000),
+                        train_data=dict(heldout, split='train', num_examples=2000)),
+  ))
+  modules = dict(synthetic_zeroshot=synthetic_zeroshot, retrieval=retrieval, linear_probe=linear_probe)
+  for section in evals.values():
+    modules[section.type].validate(section)
+
+
+@pytest.mark.parametrize('module, config, field', [
+    (zeroshot, dict(templates=['a {} of {}']), r"templates\[0\]='a \{\} of \{\}'"),
+    (zeroshot, dict(templates=['no slot']), r'^templates\[0\]'),
+    (zeroshot, dict(data=dict(name='array_record', paths='FILES/test.array_record')), r'^class_names is not set'),
+    (zeroshot, dict(class_names='FILES/missing.txt'), r'^class_names: cannot read'),
+    (zeroshot, dict(data=dict(name='imagenet')), r"^data\.name='imagenet'"),
+    (zeroshot, dict(data=None), r'^data is not set'),
+    (zeroshot, dict(resolution=32), r'^resolution is set on the eval'),
+    (zeroshot, dict(data=dict(name='synthetic', num_examples=0)), r'^data\.num_examples'),
+    (zeroshot, dict(data=dict(name='webdataset', paths='FILES/nothing-*.tar')), r'^data\.paths'),
+    (zeroshot, dict(data=dict(name='array_record', paths='FILES/test.array_record', transform='random_resized_crop'),
+                    class_names=['a']), r'^data\.transform'),
+    (zeroshot, dict(data=dict(name='tfds')), r'^data\.tfds_name'),
+    (zeroshot, dict(ks=[0]), r'^ks'),
+    (synthetic_zeroshot, dict(data=dict(name='array_record', paths='FILES/test.array_record')),
+     r"^data\.name='array_record'"),
+    (retrieval, dict(batch_size=0), r'^batch_size'),
+    (retrieval, dict(data=dict(name='synthetic', split='val')), r'^data\.split'),
+    (linear_probe, dict(data=dict(name='array_record', paths='FILES/test.array_record')), r'^train_data is not set'),
+    (linear_probe, dict(train_data=dict(name='synthetic', max_objects=0)), r'^train_data\.max_objects'),
+    (linear_probe, dict(holdout_fraction=1.5), r'^holdout_fraction'),
+    (linear_probe, dict(l2=-1.0), r'^l2 '),
+    (linear_probe, dict(train_data=dict(name='synthetic', split='train'), train_examples=96), r'^train_examples'),
+])
+def test_validate_names_the_bad_field(files, module, config, field):
+  name = module.__name__.split('.')[-1]
+  base = dict(type=name, data=dict(name='synthetic', split='test', resolution=8))
+  base.update({k: str(v).replace('FILES', str(files)) if isinstance(v, str) else v for k, v in config.items()})
+  if isinstance(base.get('data'), dict):
+    base['data'] = {k: v.replace('FILES', str(files)) if isinstance(v, str) else v for k, v in base['data'].items()}
+  module.validate(dict(type=name, data=dict(name='synthetic')))  # The base shape is valid.
+  with pytest.raises(ConfigError, match=field):
+    module.validate(ml_collections.ConfigDict(base) if name != 'zeroshot' else base)
+  with pytest.raises(ConfigError, match='^config.evals.x.'):  # The runner's prefix leads the field's path.
+    module.validate(base, prefix='config.evals.x.')
+  with pytest.raises(ConfigError, match='^config.evals.x.'):  # The runner's prefix leads the field's path.
+    module.validate(base, prefix='config.evals.x.')

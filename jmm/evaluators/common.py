@@ -1,16 +1,26 @@
-"""Helpers shared by the evaluators: materialising a held-out split and embedding it in fixed-size batches.
+"""Helpers shared by the evaluators: the eval data a config names, materialised, and embedded in fixed batches.
 
 Evaluators see the model only through two callables:
 `embed_images(float32 [N, H, W, 3] in [-1, 1]) -> [N, D]` and `embed_texts(int32 [N, L]) -> [N, D]`, both
 L2-normalised. Everything here is host-side numpy: evaluation sets are small (thousands of examples).
+
+An eval's data is a dict shaped like `config.data` (see `data_with_defaults`): the synthetic data set, rendered
+in memory, or a file source (webdataset / array_record / tfds) built by `jmm.data.build.make_source`, decoded
+and resized to `resolution` here. File sources yield image + caption only; an integer class label is read by
+this module from the same example (`label_key`: a WebDataset member extension, an ArrayRecord msgpack key or a
+TFDS feature). `validate_data` checks such a dict and raises ConfigError naming the field.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
+
+from jmm.errors import ConfigError
 
 # Fields `load_split` reads by default: enough for every evaluator in this package.
 DEFAULT_FIELDS = ('image', 'caption', 'label', 'seen', 'colour', 'shape')
@@ -136,3 +146,296 @@ def synthetic_classes() -> tuple[list[str], int]:
   """Returns (CLASS_NAMES, len(SHAPES)) of the synthetic data: class id = colour_idx * num_shapes + shape_idx."""
   from jmm.data import synthetic  # Local import, as in `_cached_synthetic`.
   return list(synthetic.CLASS_NAMES), len(synthetic.SHAPES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eval data from a config: a dict shaped like `config.data`.
+# ----------------------------------------------------------------------------------------------------------
+DATA_NAMES = ('synthetic', 'webdataset', 'array_record', 'tfds')
+FILE_DATA_NAMES = DATA_NAMES[1:]
+EVAL_TRANSFORMS = ('resize', 'resize_crop')  # Deterministic: an eval set must be the same at every eval step.
+SYNTHETIC_NUM_EXAMPLES = 2000  # Default num_examples of the synthetic data; file sources default to all.
+DATA_DEFAULTS = dict(split='test', num_examples=None, resolution=32, seed=0, max_objects=1)
+
+
+def as_dict(config) -> dict[str, Any]:
+  """A ConfigDict, a mapping or None as a plain dict (nested ConfigDicts too)."""
+  if config is None:
+    return {}
+  if hasattr(config, 'to_dict'):
+    return config.to_dict()
+  return dict(config)
+
+
+def data_with_defaults(data, **overrides) -> dict[str, Any]:
+  """An eval's data dict (ConfigDict or dict) with `overrides` applied and defaults filled in.
+
+  Defaults: split 'test', resolution 32, seed 0, max_objects 1 and num_examples 2000 for the synthetic data
+  (all examples of a file source); None counts as unset. Other fields (paths, image_key, caption_key,
+  tfds_name, data_dir, transform, index_cache...) pass through to the source.
+  """
+  out = {k: v for k, v in as_dict(data).items() if v is not None}
+  out.update({k: v for k, v in overrides.items() if v is not None})
+  for key, value in DATA_DEFAULTS.items():
+    out.setdefault(key, value)
+  if out.get('name') == 'synthetic' and out['num_examples'] is None:
+    out['num_examples'] = SYNTHETIC_NUM_EXAMPLES
+  return out
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def validate_data(data, field: str = 'data', prefix: str = '') -> None:
+  """Cheap checks of an eval's data dict (no example is read); raises ConfigError naming `{prefix}{field}.X`.
+
+  File patterns must match at least one file (a glob per pattern, as `jmm.data.mixture.validate_data`).
+  """
+  where = f'{prefix}{field}'
+  if data is None or not hasattr(data, 'get'):
+    raise ConfigError(f'{where} must be a dict like config.data (name, split, num_examples, ...), got {data!r}')
+  data = data_with_defaults(data)
+  name = data.get('name')
+  if name not in DATA_NAMES:
+    raise ConfigError(f'{where}.name={name!r} is not one of {list(DATA_NAMES)}')
+  for key in ('resolution', 'num_examples'):
+    value = data[key]
+    if value is not None and (not _is_int(value) or value <= 0):
+      raise ConfigError(f'{where}.{key} must be a positive integer, got {value!r}')
+  if not isinstance(data['split'], str) or not data['split']:
+    raise ConfigError(f'{where}.split must be a split name like "test", got {data["split"]!r}')
+  if name == 'synthetic':
+    from jmm.data import synthetic  # pylint: disable=g-import-not-at-top
+    if data['split'] not in synthetic.SPLITS:
+      raise ConfigError(f'{where}.split={data["split"]!r} is not one of {list(synthetic.SPLITS)}')
+    if data['resolution'] < 8:
+      raise ConfigError(f'{where}.resolution={data["resolution"]}: the synthetic data needs at least 8')
+    if not _is_int(data['seed']) or data['seed'] < 0:
+      raise ConfigError(f'{where}.seed must be an integer >= 0, got {data["seed"]!r}')
+    if not _is_int(data['max_objects']) or not 1 <= data['max_objects'] <= len(synthetic.POSITIONS):
+      raise ConfigError(f'{where}.max_objects must be an integer in [1, {len(synthetic.POSITIONS)}], '
+                        f'got {data["max_objects"]!r}')
+    return
+  transform = data.get('transform', 'resize')
+  if transform not in EVAL_TRANSFORMS:
+    raise ConfigError(f'{where}.transform={transform!r} is not one of {list(EVAL_TRANSFORMS)} (evaluation '
+                      'images must not be randomly cropped)')
+  if name == 'tfds':
+    if not data.get('tfds_name'):
+      raise ConfigError(f'{where}.tfds_name is empty: data.name="tfds" needs a prepared TFDS data set name')
+    return
+  if not data.get('paths'):
+    raise ConfigError(f'{where}.paths is empty: data.name={name!r} needs shard paths or patterns')
+  from jmm.data import webdataset  # pylint: disable=g-import-not-at-top
+  try:
+    webdataset.expand_paths(data['paths'], 'data.paths')
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e).replace('config.data.paths', f'{where}.paths')) from None
+
+
+FLAT_DATA_FIELDS = ('resolution', 'num_examples', 'max_objects')  # Fields that moved into an eval's `data`.
+
+
+def eval_data(config, prefix: str = '', default=None) -> dict[str, Any]:
+  """The eval's `data` section with defaults (`data_with_defaults`); ConfigError when unset and no `default`,
+  or when the eval still sets the data fields that used to sit beside `type` (resolution, num_examples...)."""
+  flat = [k for k in FLAT_DATA_FIELDS if get(config, k, None) is not None]
+  if flat:
+    raise ConfigError(f'{prefix}{flat[0]} is set on the eval itself: the eval data fields moved into '
+                      f'{prefix}data, e.g. data=dict(name="synthetic", split="test", {flat[0]}=...)')
+  data = get(config, 'data', None) or default
+  if data is None:
+    raise ConfigError(f'{prefix}data is not set: give the eval data as a dict like config.data, e.g. '
+                      'data=dict(name="synthetic", split="test", num_examples=2000, resolution=32, seed=1)')
+  return data_with_defaults(data)
+
+
+def read_lines(value, field: str, prefix: str = '') -> list[str]:
+  """A list of strings, or a path to a text file with one string per line (blank lines skipped)."""
+  if isinstance(value, (str, os.PathLike)):
+    try:
+      with open(value, encoding='utf-8') as f:
+        lines = [line.strip() for line in f]
+    except OSError as e:
+      raise ConfigError(f'{prefix}{field}: cannot read the file {str(value)!r} ({type(e).__name__}: {e}); '
+                        'give a list or a text file with one entry per line') from None
+    lines = [line for line in lines if line]
+  elif isinstance(value, (list, tuple)):
+    lines = list(value)
+  else:
+    raise ConfigError(f'{prefix}{field} must be a list of strings or a path to a text file, got {value!r}')
+  for i, line in enumerate(lines):
+    if not isinstance(line, str) or not line.strip():
+      raise ConfigError(f'{prefix}{field}[{i}]={line!r} must be a non-empty string')
+  if not lines:
+    raise ConfigError(f'{prefix}{field} is empty')
+  return lines
+
+
+def check_positive_ints(config, names: Sequence[str], prefix: str = '') -> None:
+  """Raises ConfigError naming `{prefix}{name}` unless each set field is an integer > 0 (unset fields pass)."""
+  for name in names:
+    value = get(config, name, None)
+    if value is not None and (not _is_int(value) or value <= 0):
+      raise ConfigError(f'{prefix}{name} must be a positive integer, got {value!r}')
+
+
+def check_ks(config, prefix: str = '') -> None:
+  """`ks`, when set, must be a non-empty list of positive integers."""
+  ks = get(config, 'ks', None)
+  if ks is None:
+    return
+  if not isinstance(ks, (list, tuple)) or not ks or not all(_is_int(k) and k > 0 for k in ks):
+    raise ConfigError(f'{prefix}ks must be a non-empty list of positive integers, got {ks!r}')
+
+
+def known_class_names(data) -> list[str] | None:
+  """Class names of a data set that defines them itself (the synthetic data: colour x shape), else None."""
+  if as_dict(data).get('name') == 'synthetic':
+    return synthetic_classes()[0]
+  return None
+
+
+def load_data(data, *, fields: Sequence[str] = ('image', 'caption', 'label'), caption_key: str | None = None,
+              label_key: str = 'label') -> dict[str, Any]:
+  """Materialises the eval data a data dict names: {'image': uint8 [N, H, W, 3], 'caption': list[str] [N],
+  'label': int [N]} (the `fields` asked for); cached, so evaluations at every eval step reuse it.
+
+  Synthetic data: `caption_key` / `label_key` name fields of its examples (default 'caption' / 'label'; e.g.
+  label_key='colour'), and every field of `synthetic_split` comes back too ('seen', 'colour', 'shape').
+  File sources: the caption is the source's (data.caption_key; `caption_key` overrides it) and the label is
+  read from `label_key` (see the module docstring). Bad records are skipped with a warning. Callers must not
+  modify the returned arrays.
+  """
+  data = data_with_defaults(data)
+  if data.get('name') not in DATA_NAMES:
+    raise ConfigError(f'data.name={data.get("name")!r} is not one of {list(DATA_NAMES)}')
+  if data.get('name') == 'synthetic':
+    split = synthetic_split(data['split'], data, num_examples=data['num_examples'],
+                            max_objects=data['max_objects'])
+    out = dict(split)
+    for field, key in (('caption', caption_key or 'caption'), ('label', label_key)):
+      if field in fields:
+        if key not in split:
+          raise ConfigError(f'the synthetic data has no field {key!r} (for the {field}); it has {sorted(split)}')
+        out[field] = split[key]
+    return out
+  if caption_key:
+    data['caption_key'] = caption_key
+  return dict(_cached_files(json.dumps(data, sort_keys=True, default=str), tuple(fields), label_key))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_files(data_json: str, fields: tuple[str, ...], label_key: str) -> dict[str, Any]:
+  return load_file_data(json.loads(data_json), fields, label_key)
+
+
+def load_file_data(data: dict, fields: Sequence[str], label_key: str = 'label') -> dict[str, Any]:
+  """`load_data` of a file source, uncached: the first data.num_examples readable examples (all if None)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jmm.data import build, mixture, transforms  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'data': data, 'seed': 0})
+  source = build.make_source(config, data['split'])
+  transform = mixture.make_transform(config.data) if 'image' in fields else None
+  read_label = _label_reader(data, label_key) if 'label' in fields else None
+  want = len(source) if data.get('num_examples') is None else int(data['num_examples'])
+  columns: dict[str, list] = {f: [] for f in fields}
+  bad, first_error = 0, None
+  for i in range(len(source)):
+    if len(columns[fields[0]]) >= want:
+      break
+    try:
+      example = source[i]
+      row = {}
+      if 'image' in fields:
+        row['image'] = transform(example['image'])
+      if 'caption' in fields:
+        row['caption'] = example['caption']
+      if 'label' in fields:
+        row['label'] = read_label(i)
+    except (transforms.BadRecord, OSError) as e:
+      bad, first_error = bad + 1, first_error or f'example {i}: {e}'
+      continue
+    for f in fields:
+      columns[f].append(row[f])
+  n = len(columns[fields[0]])
+  if bad:
+    logging.warning('eval data %s: skipped %d bad records (first: %s)', data.get('paths') or data.get('tfds_name'),
+                    bad, first_error)
+  if not n:
+    raise ValueError(f'eval data {data.get("paths") or data.get("tfds_name")!r}: no readable example '
+                     f'({bad} bad; first: {first_error})')
+  if n < want and data.get('num_examples') is not None:
+    logging.warning('eval data %s: asked for num_examples=%d, has %d readable', data.get('paths'), want, n)
+  out: dict[str, Any] = {}
+  for f, values in columns.items():
+    if f == 'caption':
+      out[f] = list(values)
+    else:
+      array = np.stack(values) if f == 'image' else np.asarray(values, dtype=np.int64)
+      array.setflags(write=False)
+      out[f] = array
+  return out
+
+
+def _parse_label(value, label_key: str) -> int:
+  """An integer class id from a label member / field: an int, a numpy scalar, or text like '3'."""
+  if isinstance(value, np.ndarray):
+    value = value.reshape(-1)[0] if value.size else ''
+  if isinstance(value, (bytes, bytearray)):
+    value = bytes(value).decode('utf-8', 'replace')
+  try:
+    if isinstance(value, str):
+      return int(value.strip())
+    if _is_int(value):
+      return int(value)
+  except ValueError:
+    pass
+  raise ValueError(f'label_key={label_key!r}: {value!r} is not an integer class id')
+
+
+def _label_reader(data: dict, label_key: str) -> Callable[[int], int]:
+  """index -> the integer label of example `index` of the file source `make_source` builds from `data`."""
+  from jmm.data import transforms  # pylint: disable=g-import-not-at-top
+  name = data['name']
+  if name == 'webdataset':
+    # The same shards indexed with the label member in place of the caption: rows are grouped by key in the
+    # same order, so row i is example i of the caption source.
+    from jmm.data import webdataset  # pylint: disable=g-import-not-at-top
+    image_key = data.get('image_key') or ''
+    labels = webdataset.WebDatasetSource(
+        data['paths'], name=f'{name}:{label_key}', caption_extension=label_key,
+        image_extensions=(image_key,) if image_key else webdataset.IMAGE_EXTENSIONS,
+        index_cache=data.get('index_cache') or '')
+    return lambda i: _parse_label(labels[i]['caption'], label_key)
+  if name == 'array_record':
+    # The msgpack map of each record holds the label beside 'image' and 'caption'. Files are opened in the
+    # order ArrayRecordSource opens them, skipping the same empty or unreadable ones, so indices agree.
+    import msgpack  # pylint: disable=g-import-not-at-top
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    from jmm.data import webdataset  # pylint: disable=g-import-not-at-top
+    good = []
+    for path in webdataset.expand_paths(data['paths'], 'data.paths'):
+      try:
+        if len(array_record_data_source.ArrayRecordDataSource([path])):
+          good.append(path)
+      except (RuntimeError, OSError, ValueError):
+        pass
+    records = array_record_data_source.ArrayRecordDataSource(good)
+
+    def read(i: int) -> int:
+      try:
+        record = msgpack.unpackb(records[i], raw=False)
+      except Exception as e:  # pylint: disable=broad-except  (msgpack raises many types for damaged bytes)
+        raise transforms.BadRecord(f'record {i} is not msgpack: {type(e).__name__}') from None
+      if not isinstance(record, dict) or label_key not in record:
+        raise transforms.BadRecord(f'record {i} has no {label_key!r}')
+      return _parse_label(record[label_key], label_key)
+    return read
+  if name == 'tfds':
+    from jmm.data import tfds_source  # pylint: disable=g-import-not-at-top
+    labels = tfds_source.TfdsSource(data['tfds_name'], data['split'], data_dir=data.get('data_dir') or None,
+                                    image_key=data.get('image_key') or 'image', caption_key=label_key)
+    return lambda i: _parse_label(labels[i]['caption'], label_key)
+  raise ConfigError(f'data.name={name!r}: no labels for this kind of source')

@@ -4,9 +4,8 @@ A least-squares classifier onto one-hot targets is solved exactly (no optimiser,
 tune), so the probe measures the embedding, not the probe's training. The L2 strength is either given
 (config.l2) or picked from a small grid on a held-out slice of the probe's training examples.
 
-The probe trains on the 'train' split, where the unseen colour x shape pairs never occur, so it cannot predict
-those classes: `top1` on the 'test' split is capped near the fraction of seen pairs; `top1_seen` is the
-accuracy on the classes the probe could learn.
+On the synthetic data the probe trains on the 'train' split, where the unseen colour x shape pairs never
+occur, so it cannot predict those classes: `top1` on the 'test' split is capped near the fraction of seen pairs.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
+from jmm.errors import ConfigError
 from jmm.evaluators import common
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -90,33 +90,70 @@ def select_l2(features, labels, num_classes: int, grid: Sequence[float] = DEFAUL
   return best_l2
 
 
-def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
-  """Linear-probe top-1 accuracy on colour x shape classes: fit on 'train' images, score on 'test' images.
+def _train_data(config) -> dict:
+  """config.train_data, or config.data with split='train' and num_examples=train_examples (2000)."""
+  train_data = common.get(config, 'train_data', None)
+  if train_data is not None:
+    return common.data_with_defaults(train_data)
+  return common.data_with_defaults(common.eval_data(config), split='train',
+                                   num_examples=int(common.get(config, 'train_examples', 2000)))
 
-  Reads config fields: train_examples (2000), num_examples (2000, the test examples), resolution (32), seed (0),
-  batch_size (256), l2 (None: choose from l2_grid (DEFAULT_L2_GRID) on holdout_fraction (0.2) of the training
-  examples). Returns {'top1', 'top1_seen'}, unprefixed. The text tower and tokenizer are not used.
+
+def validate(config, prefix: str = '') -> None:
+  """Checks the eval's fields without reading data; raises ConfigError naming the field (after `prefix`)."""
+  data = common.eval_data(config, prefix)
+  common.validate_data(data, 'data', prefix)
+  if common.get(config, 'train_data', None) is None and data['name'] in ('webdataset', 'array_record'):
+    raise ConfigError(f'{prefix}train_data is not set: for data.name={data.get("name")!r} the split does not '
+                      'choose files, so the probe would train on its test files; give train_data=dict(...)')
+  if common.get(config, 'train_data', None) is not None and common.get(config, 'train_examples', None) is not None:
+    raise ConfigError(f'{prefix}train_examples is set beside train_data, where it would be ignored: set '
+                      f'{prefix}train_data.num_examples instead')
+  common.validate_data(_train_data(config), 'train_data', prefix)
+  common.check_positive_ints(config, ('batch_size', 'train_examples', 'num_classes'), prefix)
+  l2 = common.get(config, 'l2', None)
+  if l2 is not None and (not isinstance(l2, (int, float)) or l2 < 0):
+    raise ConfigError(f'{prefix}l2 must be a number >= 0 (or None: choose from l2_grid), got {l2!r}')
+  grid = common.get(config, 'l2_grid', DEFAULT_L2_GRID)
+  if not isinstance(grid, (list, tuple)) or not grid or not all(
+      isinstance(g, (int, float)) and g >= 0 for g in grid):
+    raise ConfigError(f'{prefix}l2_grid must be a non-empty list of numbers >= 0, got {grid!r}')
+  fraction = common.get(config, 'holdout_fraction', 0.2)
+  if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+    raise ConfigError(f'{prefix}holdout_fraction must lie in (0, 1), got {fraction!r}')
+
+
+def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
+  """Linear-probe top-1 accuracy: fit on the images of config.train_data, score on those of config.data.
+
+  Reads config fields: data (a data dict, see `common.data_with_defaults`; required: the test examples),
+  train_data (a data dict; default: data with split='train' and num_examples=train_examples (2000)),
+  label_key ('label'), num_classes (the data set's own class count if it has one, else max label + 1 over
+  train and test), batch_size (256), l2 (None: choose from l2_grid (DEFAULT_L2_GRID) on holdout_fraction (0.2)
+  of the training examples, a random slice drawn with seed (default: train_data.seed)). Returns {'top1'},
+  unprefixed. The text tower and tokenizer are not used.
   """
   del embed_texts, tokenizer  # The probe reads image embeddings only.
   batch_size = int(common.get(config, 'batch_size', 256))
-  seed = int(common.get(config, 'seed', 0))
-  train = common.synthetic_split('train', config, num_examples=int(common.get(config, 'train_examples', 2000)),
-                                 max_objects=1)
-  test = common.synthetic_split('test', config, num_examples=int(common.get(config, 'num_examples', 2000)),
-                                max_objects=1)
-  num_classes = len(common.synthetic_classes()[0])
+  label_key = common.get(config, 'label_key', 'label')
+  train_config = _train_data(config)
+  seed = int(common.get(config, 'seed', train_config.get('seed', 0)))
+  train = common.load_data(train_config, fields=('image', 'label'), label_key=label_key)
+  test_config = common.eval_data(config)
+  test = common.load_data(test_config, fields=('image', 'label'), label_key=label_key)
+  y_train, y_test = np.asarray(train['label']), np.asarray(test['label'])
+  known = common.known_class_names(test_config) if label_key == 'label' else None
+  num_classes = int(common.get(config, 'num_classes',
+                               len(known) if known else max(y_train.max(), y_test.max()) + 1))
+  if min(y_train.min(), y_test.min()) < 0 or max(y_train.max(), y_test.max()) >= num_classes:
+    raise ValueError(f'linear_probe: labels must lie in [0, num_classes={num_classes})')
 
   x_train = common.embed_images_in_batches(embed_images, train['image'], batch_size)  # [N_train, D]
   x_test = common.embed_images_in_batches(embed_images, test['image'], batch_size)  # [N_test, D]
   l2 = common.get(config, 'l2', None)
   if l2 is None:
-    l2 = select_l2(x_train, train['label'], num_classes, common.get(config, 'l2_grid', DEFAULT_L2_GRID),
+    l2 = select_l2(x_train, y_train, num_classes, common.get(config, 'l2_grid', DEFAULT_L2_GRID),
                    float(common.get(config, 'holdout_fraction', 0.2)), seed)
     logging.info('linear_probe: chose l2=%g on a held-out slice of %d training examples', l2, len(x_train))
-  w, b = fit_ridge(x_train, train['label'], num_classes, float(l2))
-  correct = ridge_predict(w, b, x_test) == test['label']
-  seen = np.asarray(test['seen'], dtype=bool)
-  return {
-      'top1': float(np.mean(correct)),
-      'top1_seen': float(np.mean(correct[seen])) if seen.any() else float('nan'),
-  }
+  w, b = fit_ridge(x_train, y_train, num_classes, float(l2))
+  return {'top1': float(np.mean(ridge_predict(w, b, x_test) == y_test))}

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jmm.errors import ConfigError
 from jmm.evaluators import common
 
 DEFAULT_KS = (1, 5, 10)
@@ -58,17 +59,29 @@ def recall_at_k(image_emb, text_emb, text_to_image, ks: Sequence[int] = DEFAULT_
   return metrics
 
 
-def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
-  """Recall@K on the held-out 'test' split of SyntheticCaptions, one caption per image.
+def validate(config, prefix: str = '') -> None:
+  """Checks the eval's fields without reading data; raises ConfigError naming the field (after `prefix`)."""
+  common.validate_data(common.eval_data(config, prefix), 'data', prefix)
+  common.check_positive_ints(config, ('batch_size', 'text_len'), prefix)
+  common.check_ks(config, prefix)
+  caption_key = common.get(config, 'caption_key', None)
+  if caption_key is not None and (not isinstance(caption_key, str) or not caption_key):
+    raise ConfigError(f'{prefix}caption_key must be a non-empty string, got {caption_key!r}')
 
-  Reads config fields: num_examples (2000), resolution (32), seed (0), batch_size (256), text_len (16),
-  max_objects (1), ks ((1, 5, 10)). Returns {'i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', ...}, unprefixed.
+
+def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
+  """Recall@K on the (image, caption) pairs of config.data, one caption per image.
+
+  Reads config fields: data (a data dict, see `common.data_with_defaults`; required), caption_key (the
+  caption field: 'caption' on the synthetic data; for a file source it overrides data.caption_key),
+  batch_size (256), text_len (16), ks ((1, 5, 10)). Returns {'i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', ...},
+  unprefixed.
   """
   batch_size = int(common.get(config, 'batch_size', 256))
   text_len = int(common.get(config, 'text_len', 16))
   ks = tuple(int(k) for k in common.get(config, 'ks', DEFAULT_KS))
-  data = common.synthetic_split('test', config, num_examples=int(common.get(config, 'num_examples', 2000)),
-                                max_objects=int(common.get(config, 'max_objects', 1)))
+  data = common.load_data(common.eval_data(config), fields=('image', 'caption'),
+                          caption_key=common.get(config, 'caption_key', None))
   image_emb = common.embed_images_in_batches(embed_images, data['image'], batch_size)  # [N, D]
   text_emb = common.embed_texts_in_batches(embed_texts, tokenizer, data['caption'], text_len, batch_size)
   return recall_at_k(image_emb, text_emb, np.arange(len(data['caption'])), ks)
