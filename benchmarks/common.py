@@ -173,28 +173,37 @@ def synthetic_batch(config, batch_size: int, vocab_size: int, seed: int = 0) -> 
           'text': jnp.asarray(rng.integers(0, vocab_size, size=(batch_size, text_len)), jnp.int32)}
 
 
-def build_train_step(config, vocab_size: int, batch_size: int, *, with_info: bool = False):
-  """The real jmm training step of `config` (jmm.train's model, optimizer, objective), its state and a batch.
+def _state(config, tx, params):
+  """A train state on the default device, shaped as `jmm.step.create_state` makes it (no mesh)."""
+  from jmm import step as step_lib  # pylint: disable=g-import-not-at-top
+  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros([], jnp.int32),
+          'rng': step_lib.rng_data(config.seed), 'nonfinite': jnp.zeros([3], jnp.int32)}
 
-  Returns (train_step, state, batch, model). The step is jmm.train.make_train_step's jitted function with the
-  XLA options training uses (`config.cpu_matmuls`: oneDNN matmuls on CPU, checked as jmm.train checks them), so
+
+def build_train_step(config, vocab_size: int, batch_size: int, *, with_info: bool = False):
+  """The real jmm training step of `config` (its model, optimizer, objectives), its state and a batch.
+
+  Returns (train_step, state, batch, model). The step is jmm.step.make_train_step's jitted function with the
+  XLA options training uses (`config.cpu_matmuls`: oneDNN matmuls on CPU, checked as training checks them), so
   the benchmark times exactly what training runs, minus the input pipeline. with_info: a fifth element,
   {'matmuls': 'onednn' or 'xla', 'check_compile_s': seconds spent compiling here (the oneDNN check compiles the
   step once; a later `.lower(...).compile()` of the same step is then a cache hit)}.
   """
-  from jmm import config as config_lib  # pylint: disable=g-import-not-at-top
   from jmm import cpu_matmuls  # pylint: disable=g-import-not-at-top
+  from jmm import objectives  # pylint: disable=g-import-not-at-top
   from jmm import optim  # pylint: disable=g-import-not-at-top
-  from jmm import train  # pylint: disable=g-import-not-at-top
-  objective = config_lib.lookup('objectives', config.objective)
-  model = train.make_model(config, vocab_size)
-  params, _ = train.init_params(model, config, config.seed)
+  from jmm import step as step_lib  # pylint: disable=g-import-not-at-top
+  from jmm.data import build as data_build  # pylint: disable=g-import-not-at-top
+  from jmm.models import build as model_build  # pylint: disable=g-import-not-at-top
+  terms = objectives.load(config)
+  model = model_build.make_model(config, vocab_size)
+  params, _ = model_build.init_params(model, data_build.batch_spec(config), config.seed)
   tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps)
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros([], jnp.int32)}
+  state = _state(config, tx, params)
   batch = synthetic_batch(config, batch_size, vocab_size)
   start = time.perf_counter()
   step, onednn = cpu_matmuls.checked_jit(
-      lambda options: train.make_train_step(model, tx, schedule, objective, config.loss, compiler_options=options),
+      lambda options: step_lib.make_train_step(model, tx, schedule, terms, compiler_options=options),
       cpu_matmuls.compiler_options(config.get('cpu_matmuls', 'auto')), state, batch)
   info = {'matmuls': 'onednn' if onednn else 'xla', 'check_compile_s': time.perf_counter() - start}
   return (step, state, batch, model, info) if with_info else (step, state, batch, model)
@@ -206,22 +215,18 @@ def lower_train_step(config, vocab_size: int, batch_size: int):
   Cheap even for big models (tracing only), so XLA's cost analysis of the step (`.cost_analysis()` on the
   result, or on `.compile()` of it) can be checked against jmm.flops without initialising anything.
   """
-  from jmm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jmm import objectives  # pylint: disable=g-import-not-at-top
   from jmm import optim  # pylint: disable=g-import-not-at-top
-  from jmm import train  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  objective = config_lib.lookup('objectives', config.objective)
-  model = train.make_model(config, vocab_size)
-  res, text_len = config.data.resolution, config.data.text_len
-  image = jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32)
-  text = jax.ShapeDtypeStruct((batch_size, text_len), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), image, text)
-  params = nn.unbox(variables['params'])
+  from jmm import step as step_lib  # pylint: disable=g-import-not-at-top
+  from jmm.data import build as data_build  # pylint: disable=g-import-not-at-top
+  from jmm.models import build as model_build  # pylint: disable=g-import-not-at-top
+  model = model_build.make_model(config, vocab_size)
+  spec = data_build.batch_spec(config, batch_size)
+  params, _ = model_build.abstract_params(model, spec)
   tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps)
-  state = {'params': params, 'opt_state': jax.eval_shape(tx.init, params),
-           'step': jax.ShapeDtypeStruct((), jnp.int32)}
-  step = train.make_train_step(model, tx, schedule, objective, config.loss)
-  return step.lower(state, {'image': image, 'text': text})
+  state = jax.eval_shape(lambda p: _state(config, tx, p), params)
+  step = step_lib.make_train_step(model, tx, schedule, objectives.load(config))
+  return step.lower(state, spec)
 
 
 def append_result(path: str, record: dict) -> None:

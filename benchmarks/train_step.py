@@ -87,7 +87,7 @@ def benchmark(config, *, steps: int, warmup: int, vocab_size: int, label: str = 
       'machine': common.machine_info(),
       'config': {'image': m.image.to_dict(), 'text': m.text.to_dict(), 'out_dim': m.out_dim,
                  'resolution': config.data.resolution, 'text_len': config.data.text_len, 'dtype': dtype,
-                 'batch_size': batch_size, 'vocab_size': vocab_size, 'loss': config.loss.name,
+                 'batch_size': batch_size, 'vocab_size': vocab_size, 'loss': ','.join(sorted(config.objectives)),
                  'attention_impl': config.get('attention_impl', 'xla'), 'optim': config.optim.name},
       'compile_s': compile_s, 'matmuls': info['matmuls'], 'step': timing,
       'images_per_s': batch_size / timing['median_s'],

@@ -56,21 +56,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def lookup(package: str, name: str):
   """Imports `jmm.<package>.<name>` (an objective, evaluator or model by its config name).
 
-  A name with a dot is a full module path (`my_project.my_objective`): a user's own objective, evaluator, model
-  or head plugs in without an edit of jmm.
+  A name with a dot, or one that names no module of `jmm.<package>`, is imported as a module path
+  (`my_project.my_objective`): a user's own objective, evaluator, model or head plugs in without an edit of jmm.
   """
-  if '.' in name:
+  if '.' not in name:
     try:
-      return importlib.import_module(name)
+      return importlib.import_module(f'jmm.{package}.{name}')
     except ModuleNotFoundError as e:
-      raise ConfigError(f'cannot import the {package} module {name!r}: {e}') from None
+      if not (e.name and e.name.startswith(f'jmm.{package}.{name}')):
+        raise  # The module exists but an import inside it failed.
   try:
-    return importlib.import_module(f'jmm.{package}.{name}')
+    return importlib.import_module(name)
   except ModuleNotFoundError as e:
-    if e.name and e.name.startswith(f'jmm.{package}.{name}'):
+    if e.name and name.startswith(e.name):
       folder = os.path.join(os.path.dirname(__file__), package)
       known = sorted(f[:-3] for f in os.listdir(folder) if f.endswith('.py') and not f.startswith('_'))
-      raise ConfigError(f'unknown {package} name {name!r}; known: {known} (or a dotted module path)') from None
+      raise ConfigError(f'unknown {package} name {name!r}; known: {known} (or an importable module path)') from None
     raise
 
 

@@ -74,7 +74,7 @@ def make_train_step(model, tx, schedule, terms, *, max_nonfinite_steps: int = 10
   terms: `jmm.objectives.load(config)`; the loss minimised is their weighted sum (metrics: 'loss', each term's
   under its name, 'lr', 'grad_norm', 'nonfinite_steps'). A step whose loss or gradient norm is not finite
   leaves params and optimizer state as they were and is counted; `max_nonfinite_steps` of them in a row set
-  the state's stop flag, which the loop reads (`should_stop`).
+  the state's stop flag, which the loop reads (`nonfinite_status`).
   With `state_shardings` and `mesh` the step is compiled for them (batch split over the mesh's batch axes,
   metrics replicated) and the activations follow the logical-axis rules; without, it is a plain jit.
   compiler_options: XLA options the step is compiled with (`jmm.cpu_matmuls`: oneDNN matmuls on CPU).
@@ -115,6 +115,10 @@ def make_train_step(model, tx, schedule, terms, *, max_nonfinite_steps: int = 10
              out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
-def should_stop(state) -> bool:
-  """Whether `max_nonfinite_steps` non-finite steps in a row have happened (reads one scalar from the device)."""
-  return bool(jax.device_get(state['nonfinite'][STOP]))
+def nonfinite_status(state) -> tuple[bool, int]:
+  """(whether `max_nonfinite_steps` non-finite steps in a row have happened, non-finite steps in a row now).
+
+  Reads three int32 from the device: call it where the loop syncs anyway (log steps, checkpoint steps).
+  """
+  nonfinite = jax.device_get(state['nonfinite'])
+  return bool(nonfinite[STOP]), int(nonfinite[IN_A_ROW])

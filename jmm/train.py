@@ -132,14 +132,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics.update({f'data/{k}': v for k, v in data_stats.items()})
         metrics.update(progress.report(step, metrics))
         writer.write(step, metrics)
-      # The non-finite guard's stop flag, read where the loop syncs anyway and before any checkpoint: a run that
-      # stops here leaves the checkpoints written before the trouble (params skipped by the guard stay finite).
-      if (log_now or step % ck.every == 0) and step_lib.should_stop(state):
-        checkpointer.wait()
-        raise NonFiniteError(
-            f'{config.get("max_nonfinite_steps", 10)} steps in a row had a non-finite loss or gradient norm '
-            f'(at step {step}; config.max_nonfinite_steps); the newest checkpoint in {checkpointer.directory} '
-            f'is from step {checkpointer.latest_step()}. Lower config.optim.lr, check the data, or resume.')
+      # The non-finite guard's state, read where the loop syncs anyway and before any checkpoint: no checkpoint
+      # is written in the middle of a run of skipped steps, so a run that stops leaves one from before the trouble.
+      in_trouble = False
+      if log_now or step % ck.every == 0:
+        stop_now, in_a_row = step_lib.nonfinite_status(state)
+        if stop_now:
+          checkpointer.wait()
+          raise NonFiniteError(
+              f'{config.get("max_nonfinite_steps", 10)} steps in a row had a non-finite loss or gradient norm '
+              f'(config.max_nonfinite_steps; stopped at step {step}); the newest checkpoint in '
+              f'{checkpointer.directory} is from step {checkpointer.latest_step()}, before the trouble. Lower '
+              'config.optim.lr or check the data, then resume.')
+        in_trouble = in_a_row > 0
 
       if step < total_steps and eval_run.due(config, step):
         t0 = time.perf_counter()
@@ -151,7 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t0 = time.perf_counter()
       if jax.process_count() > 1:  # Every process must agree to stop at the same step (saves are collective).
         stop['signal'] = agree_on_stop(stop['signal'])
-      checkpointer.save(step, state, data_iter.get_state(), force=bool(stop['signal']) or step == total_steps)
+      if not in_trouble or stop['signal'] or step == total_steps:
+        checkpointer.save(step, state, data_iter.get_state(), force=bool(stop['signal']) or step == total_steps)
       progress.excluded += time.perf_counter() - t0
       if step == kill_at:  # Test hook: die hard right after a committed checkpoint, as a preemption would.
         checkpointer.wait()

@@ -54,15 +54,52 @@ def test_losses_prefer_matching_pairs():
     assert float(loss(zimg, zimg)) < float(loss(zimg, shuffled))
 
 
-def test_loss_fn_metrics_and_gradients():
-  zimg, ztxt = _embeddings(4, 4, 8, seed=3)
-  cfg = type('C', (), {'name': 'sigmoid'})()
-  extras = {'t': jnp.float32(10.0), 'b': jnp.float32(-10.0)}
-  loss, metrics = contrastive.loss_fn((zimg, ztxt, extras), {}, cfg)
-  assert set(metrics) >= {'loss', 't', 'b', 'sim_pos', 'sim_neg', 'batch_i2t_acc'}
-  np.testing.assert_allclose(float(loss), float(contrastive.sigmoid_loss(zimg, ztxt, 10.0, -10.0)))
-  grad = jax.grad(lambda b: contrastive.sigmoid_loss(zimg, ztxt, 10.0, b))(-10.0)
-  # At b = -10 nearly every pair is predicted negative; the positives pull b up (gradient < 0).
-  assert float(grad) < 0
-  with pytest.raises(ValueError, match='loss.name'):
-    contrastive.loss_fn((zimg, ztxt, extras), {}, type('C', (), {'name': 'hinge'})())
+def _loop_reference(zimg, ztxt, t, b, name):
+  """The losses and in-batch metrics written out pair by pair in jnp (differentiable), for the objective test."""
+  n = zimg.shape[0]
+  sims = [[jnp.dot(zimg[i], ztxt[j]) for j in range(n)] for i in range(n)]
+  if name == 'sigmoid':
+    loss = 0.0
+    for i in range(n):
+      for j in range(n):
+        loss -= jax.nn.log_sigmoid((1.0 if i == j else -1.0) * (t * sims[i][j] + b))
+    loss /= n
+  else:
+    rows = [-jax.nn.log_softmax(jnp.stack([t * sims[i][j] for j in range(n)]))[i] for i in range(n)]
+    cols = [-jax.nn.log_softmax(jnp.stack([t * sims[i][j] for i in range(n)]))[j] for j in range(n)]
+    loss = 0.5 * (sum(rows) / n + sum(cols) / n)
+  pos = sum(sims[i][i] for i in range(n)) / n
+  neg = sum(sims[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+  acc = sum(jnp.argmax(jnp.stack(sims[i])) == i for i in range(n)) / n
+  return loss, {'sim_pos': pos, 'sim_neg': neg, 'batch_i2t_acc': acc}
+
+
+@pytest.mark.parametrize('name', ['sigmoid', 'softmax'])
+def test_contrastive_objective_against_loop_reference(name):
+  """The objective contract's loss(outputs, batch, config): value, metrics and gradients against a loop."""
+  zimg, ztxt = (jnp.asarray(x) for x in _embeddings(5, 5, 8, seed=3))
+  t, b = jnp.float32(7.0), jnp.float32(-3.0)
+  config = {'loss': name, 'impl': 'dense'}
+
+  def objective(zimg, ztxt, t, b):
+    return contrastive.loss({'zimg': zimg, 'ztxt': ztxt, 't': t, 'b': b}, {}, config)
+
+  loss, metrics = objective(zimg, ztxt, t, b)
+  want, want_metrics = _loop_reference(zimg, ztxt, t, b, name)
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+  for key, value in want_metrics.items():
+    np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-5, atol=1e-6)
+  assert float(metrics['t']) == 7.0 and float(metrics['b']) == -3.0
+  argnums = (0, 1, 2, 3) if name == 'sigmoid' else (0, 1, 2)  # The softmax loss ignores the bias.
+  got = jax.grad(lambda *a: objective(*a)[0], argnums=argnums)(zimg, ztxt, t, b)
+  ref = jax.grad(lambda *a: _loop_reference(*a, name)[0], argnums=argnums)(zimg, ztxt, t, b)
+  for g, r in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+
+
+def test_contrastive_objective_validates_its_section():
+  contrastive.validate({'loss': 'softmax', 'impl': 'gather'})
+  with pytest.raises(ValueError, match="loss='hinge'"):
+    contrastive.validate({'loss': 'hinge'})
+  with pytest.raises(ValueError, match="impl='ring'.*loss='softmax'"):
+    contrastive.validate({'loss': 'softmax', 'impl': 'ring'})

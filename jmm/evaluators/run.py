@@ -2,7 +2,8 @@
 
 Each entry of `config.evals` is `{name: {type, every, ...}}`: `type` names a module `jmm.evaluators.<type>` (or
 a dotted module path) with `evaluate(embed_images, embed_texts, tokenizer, config) -> {metric: value}` and
-optionally `validate(config)`; `every` is the interval in steps (0: only at the end of training).
+optionally `validate(config)`; `every` is the interval in steps (0: only at the end of training; -1: never, e.g.
+`--config.evals.linear_probe.every=-1` turns one off from the command line).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def validate(config) -> None:
   """Checks every entry of config.evals (its module exists; its own `validate`); raises ConfigError."""
   for name, ev in config.get('evals', {}).items():
     every = ev.get('every', 0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-      raise ConfigError(f'config.evals.{name}.every must be an integer >= 0 (steps; 0 = at the end), got {every!r}')
+    if isinstance(every, bool) or not isinstance(every, int) or every < -1:
+      raise ConfigError(f'config.evals.{name}.every must be an integer >= -1 (steps; 0 = at the end; -1 = never), '
+                        f'got {every!r}')
     module = _module(name, ev)
     if not hasattr(module, 'evaluate'):
       raise ConfigError(f'config.evals.{name}: {module.__name__} has no evaluate()')
@@ -50,7 +52,7 @@ def make_embed_fns(model, mesh=None):
 
 def due(config, step: int) -> bool:
   """Whether any evaluator runs at `step` (during training; the end of training runs them all)."""
-  return any(ev.get('every') and step % ev.every == 0 for ev in config.get('evals', {}).values())
+  return any(ev.get('every', 0) > 0 and step % ev.every == 0 for ev in config.get('evals', {}).values())
 
 
 def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None) -> dict:
@@ -64,7 +66,7 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
   out = {}
   for name, ev in config.get('evals', {}).items():
     every = ev.get('every', 0)
-    if step is not None and (not every or step % every):
+    if every < 0 or (step is not None and (not every or step % every)):
       continue
     start = time.perf_counter()
     results = _module(name, ev).evaluate(embed_images, embed_texts, tokenizer, ev)
