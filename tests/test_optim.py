@@ -84,3 +84,69 @@ def test_clip_by_global_norm_matches_optax(max_norm):
   for k in grads:
     np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6)
   assert float(optax.tree.norm(ours)) == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
+
+
+@pytest.mark.parametrize('name', ['adamw', 'adafactor'])
+def test_weight_decay_size_follows_the_schedule(name):
+  """Fails if weight decay has the wrong size, misses the schedule, or touches biases / scalars."""
+  kernel = jnp.arange(1.0, 13.0).reshape(3, 4)
+  params = {'Dense_0': {'kernel': kernel, 'bias': jnp.full((4,), 2.0)}, 'LayerNorm_0': {'scale': jnp.full((4,), 3.0)},
+            't': jnp.full((), 4.0)}
+  config = _config(name=name, lr=1e-2, wd=0.1, warmup_steps=2, schedule='linear', min_lr_ratio=0.0)
+  tx, sched = optim.make_optimizer(config, params, total_steps=6)
+  state = tx.init(params)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  for step in range(5):
+    updates, state = tx.update(zero_grads, state, params)
+    # AdamW (optax): -lr(step) * wd * param. Adafactor (ScalingViT's decoupled decay): -wd * lr(step) / lr * param.
+    factor = float(sched(step)) * config.wd / (config.lr if name == 'adafactor' else 1.0)
+    np.testing.assert_allclose(updates['Dense_0']['kernel'], -factor * kernel, rtol=1e-5, atol=1e-12,
+                               err_msg=f'step {step}')
+    for leaf in (updates['Dense_0']['bias'], updates['LayerNorm_0']['scale'], updates['t']):
+      assert float(jnp.abs(leaf).max()) == 0.0
+  assert float(sched(0)) == 0.0 and float(sched(3)) > 0.0  # The steps above cover warmup and decay.
+
+
+def test_linear_and_constant_schedules():
+  """Fails if the 'linear' or 'constant' schedule (warmup included) changes shape or end value."""
+  linear = optim.make_schedule(_config(schedule='linear', min_lr_ratio=0.1), total_steps=110)
+  for step, want in [(0, 0.0), (5, 5e-3), (10, 1e-2), (60, 5.5e-3), (85, 3.25e-3), (110, 1e-3), (200, 1e-3)]:
+    np.testing.assert_allclose(float(linear(step)), want, rtol=1e-5, atol=1e-12, err_msg=f'step {step}')
+  constant = optim.make_schedule(_config(schedule='constant', min_lr_ratio=0.1), total_steps=110)
+  for step, want in [(0, 0.0), (5, 5e-3), (10, 1e-2), (60, 1e-2), (110, 1e-2), (500, 1e-2)]:
+    np.testing.assert_allclose(float(constant(step)), want, rtol=1e-5, atol=1e-12, err_msg=f'step {step}')
+  no_warmup = optim.make_schedule(_config(schedule='linear', warmup_steps=0), total_steps=100)
+  np.testing.assert_allclose([float(no_warmup(s)) for s in (0, 50, 100)], [1e-2, 5e-3, 0.0], atol=1e-9)
+
+
+def test_make_optimizer_clips_the_global_norm():
+  """Fails if make_optimizer stops clipping gradients above clip_norm (or clips those below it)."""
+  params = {'a': {'kernel': jnp.zeros((2, 3))}, 'b': jnp.zeros((2,))}
+  grads = {'a': {'kernel': jnp.arange(6.0).reshape(2, 3) - 2.0}, 'b': jnp.array([3.0, -4.0])}
+  norm = float(optax.tree.norm(grads))  # sqrt(19 + 25)
+
+  def first_update(g, clip_norm):
+    # eps=1 makes Adam's update depend on the gradient's size (with eps ~ 0 it is ~sign(g), blind to clipping).
+    tx, _ = optim.make_optimizer(_config(lr=1.0, wd=0.0, eps=1.0, warmup_steps=0, schedule='constant',
+                                         clip_norm=clip_norm), params, total_steps=10)
+    return tx.update(g, tx.init(params), params)[0]
+
+  scaled = jax.tree.map(lambda g: g * (1.0 / norm), grads)  # The same direction at global norm 1.
+  clipped = first_update(grads, 1.0)
+  assert not np.allclose(first_update(grads, 0.0)['b'], clipped['b'])  # Clipping does change this update.
+  for got, want in zip(jax.tree.leaves(clipped), jax.tree.leaves(first_update(scaled, 0.0))):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(first_update(grads, 2 * norm)), jax.tree.leaves(first_update(grads, 0.0))):
+    np.testing.assert_array_equal(got, want)  # Below clip_norm: untouched.
+
+
+def test_adafactor_first_step_is_lr_times_sign():
+  """Fails if Adafactor's factored-RMS scaling, momentum or learning rate wiring changes its first update."""
+  params = {'w': {'kernel': jnp.zeros((3, 4))}, 'b': jnp.zeros((4,))}
+  grads = {'w': {'kernel': jnp.arange(12.0).reshape(3, 4) - 5.5}, 'b': jnp.array([0.5, -2.0, 3.0, -0.01])}
+  tx, _ = optim.make_optimizer(_config(name='adafactor', lr=0.1, wd=0.0, warmup_steps=0, schedule='constant',
+                                       clip_norm=0.0), params, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Step 1: beta2 = 1 - 1^-0.8 = 0, so the second moment is g^2 and the update g / |g| (momentum starts at 0).
+  for got, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, -0.1 * np.sign(g), rtol=1e-6)
