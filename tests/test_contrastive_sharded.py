@@ -69,16 +69,29 @@ def test_sharded_losses_equal_dense_loss_and_gradients(shape, per_device):
     _assert_close(result, _value_and_grads(_dense(name), zimg, ztxt))
 
 
-@pytest.mark.parametrize('devices', [2, 3])
+@pytest.mark.parametrize('devices', [2, 3, 5, 7])
 def test_rings_on_odd_and_small_device_counts(devices):
-  # Bidirectional schedule: 2 devices take one exchange (the opposite block only), 3 one (two blocks).
+  """Fails if a ring schedule misses or repeats a block on n devices: loss, gradients or batch statistics.
+
+  Bidirectional schedule: 2 devices take one exchange (the opposite block only), 3 one (two blocks), 5 and 7
+  two and three (odd rings split evenly both ways, no opposite block); 5 and 7 use part of the 8 devices.
+  """
   zimg, ztxt = _embeddings(2 * devices, seed=devices)
   want = _value_and_grads(_dense('sigmoid'), zimg, ztxt)
+  want_stats = contrastive._dense_terms(zimg, ztxt, T, BIAS, 'sigmoid')[1]
+  impls = ('ring', 'bidir')
+
+  def with_stats(impl, zi, zt):  # ((loss, stats), grads) from one pass.
+    fn = lambda *a: contrastive.sharded_loss(*a, 'sigmoid', impl)  # noqa: E731
+    return jax.value_and_grad(fn, argnums=(0, 1, 2, 3), has_aux=True)(zi, zt, jnp.float32(T), jnp.float32(BIAS))
+
   with jax.set_mesh(_mesh((devices,))):
-    got = _run(lambda zi, zt: [_value_and_grads(lambda *a, i=impl: contrastive.sharded_loss(*a, 'sigmoid', i)[0],
-                                                zi, zt) for impl in ('ring', 'bidir')], zimg, ztxt)
-  for result in got:
-    _assert_close(result, want)
+    got = _run(lambda zi, zt: [with_stats(impl, zi, zt) for impl in impls], zimg, ztxt)
+  for impl, ((loss, stats), grads) in zip(impls, got):
+    _assert_close((loss, grads), want)
+    for key in ('pos', 'all', 'hits'):
+      np.testing.assert_allclose(float(stats[key]), float(want_stats[key]), rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{impl} {key}')
 
 
 def _normalised_loss_fn(impl, name):
