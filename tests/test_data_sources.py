@@ -224,6 +224,43 @@ def test_mixture_weights_and_per_source_counts(wds, ar_files, tok):
     _iterate(sources, tok, weights=[1, 1], num_epochs=1)
 
 
+class _Planted:
+  """An in-memory source whose first entries are planted bad ones ('record': an undecodable image, 'shard': a
+  BadRecord(kind='shard') placeholder), then `good` good examples captioned '{prefix} photo {i}'."""
+
+  def __init__(self, name, prefix, bad, good):
+    self.name, self.prefix, self.bad, self.good = name, prefix, list(bad), good
+
+  def __len__(self):
+    return len(self.bad) + self.good
+
+  def __getitem__(self, i):
+    if i < len(self.bad):
+      if self.bad[i] == 'shard':
+        raise transforms.BadRecord(f'{self.name}: planted bad shard {i}', kind='shard')
+      return {'image': b'not an image', 'caption': f'{self.prefix} broken {i}'}
+    image = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    return {'image': image, 'caption': _caption(self.prefix, i)}
+
+
+def test_mixture_counts_bad_records_per_source_exactly(tok):
+  """Fails if a mixture's bad records or shards are counted under the wrong source or kind, lost or doubled."""
+  # Unshuffled, the bad entries come first in each source, and neither source reaches its second epoch below:
+  # the consumed part of each source holds exactly its planted bad entries, whatever the mixing order.
+  sources = [_Planted('laion', 'wds', ['record', 'shard', 'record', 'record'], good=60),
+             _Planted('cc', 'ar', ['shard', 'record', 'shard', 'shard', 'shard'], good=40)]
+  it = _iterate(sources, tok, weights=[3.0, 1.0], batch_size=8, shuffle=False)
+  captions, stats = [], {}
+  for _ in range(5):
+    batch = next(it)
+    captions += batch['caption']
+    for k, v in batch['data_stats'].items():
+      stats[k] = stats.get(k, 0) + v
+  from_wds = sum(c.startswith('wds') for c in captions)
+  assert 0 < from_wds < 60 and 0 < len(captions) - from_wds < 40, from_wds  # The premise above.
+  assert stats == {'bad_records/laion': 3, 'bad_shards/laion': 1, 'bad_records/cc': 1, 'bad_shards/cc': 4}
+
+
 def test_all_bad_data_raises_instead_of_stalling(tmp_path, tok):
   _write_tar(tmp_path / 'bad.tar', [(f'{i}.jpg', b'garbage') for i in range(20)])
   it = _iterate([webdataset.WebDatasetSource(str(tmp_path / 'bad.tar'))], tok, max_consecutive_bad=10)
