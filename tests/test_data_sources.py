@@ -323,17 +323,29 @@ def test_config_builds_and_validates_sources(wds, ar_files, tok, monkeypatch):
 
 
 def test_worker_process_gives_the_same_batches(wds, tok):
+  """Fails if a worker process changes the batches, or its state (batcher inside the worker) does not resume.
+
+  One worker: with several, each batches its own share of the example stream (see file_train_iterator), so only
+  one worker promises the in-process batches.
+  """
   source = webdataset.WebDatasetSource(wds[0])
-  expected = [next(it) for it in [_iterate([source], tok)] for _ in range(3)]
+  expected = [next(it) for it in [_iterate([source], tok)] for _ in range(7)]  # 28 examples: past epoch 1 (16).
   it = _iterate([source], tok, worker_count=1)
   try:
-    for a in expected:
-      b = next(it)
-      assert a['caption'] == b['caption'] and a['data_stats'] == b['data_stats']
-      np.testing.assert_array_equal(a['image'], b['image'])
+    got = [next(it) for _ in range(3)]
+    state = it.get_state()
   finally:
-    if hasattr(it, 'close'):
-      it.close()
+    it.close()
+  assert state['worker_count'] == 1
+  resumed = _iterate([source], tok, worker_count=1)
+  try:
+    resumed.set_state(state)
+    got += [next(resumed) for _ in range(4)]
+  finally:
+    resumed.close()
+  for a, b in zip(expected, got):
+    assert a['caption'] == b['caption'] and a['data_stats'] == b['data_stats']
+    np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_sources_pickle_for_workers(wds, ar_files):

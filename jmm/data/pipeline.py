@@ -290,8 +290,11 @@ def file_train_iterator(sources: Sequence, tokenizer, transform, *, batch_size: 
   Batches: image float32 [B, H, W, 3] in `value_range`, text int32 [B, text_len], data_stats (bad records
   and shards skipped since the previous batch, per source name), and caption (list of str) if keep_captions.
   Threads (`num_threads`) and worker processes (`worker_count`) as in `train_iterator`; with workers the
-  whole per-example path (read, decode, augment) and the batching run in them. `max_consecutive_bad` bad
-  records in a row raise instead of spinning: data that is all bad is an error, not a stall.
+  whole per-example path (read, decode, augment) and the batching run in them. Unlike `train_iterator`'s, the
+  batches then depend on the count: each worker batches its own share of the example stream (every
+  worker_count-th example), so 2 workers give other batches than 0 or 1 (still deterministic, and resumable
+  with the same count). `max_consecutive_bad` bad records in a row raise instead of spinning: data that is all
+  bad is an error, not a stall.
   """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
