@@ -94,5 +94,6 @@ def base_config(arg) -> ml_collections.ConfigDict:
       linear_probe=dict(type='linear_probe', every=0, batch_size=250, data=dict(heldout, num_examples=1000),
                         train_data=dict(heldout, split='train', num_examples=2000)),
   )
-  c.debug = dict(kill_at_step=-1)  # Test hook: SIGKILL itself after the checkpoint of this step.
+  # Test hooks: SIGKILL itself after the checkpoint of a step; SIGTERM one process at a step.
+  c.debug = dict(kill_at_step=-1, sigterm_at_step=-1, sigterm_process=0)
   return c

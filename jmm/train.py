@@ -106,7 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # SIGTERM (preemption, scancel, kill) asks for a checkpoint at the next step boundary, then a clean exit.
   stop = {'signal': None}
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
-  kill_at = config.get('debug', {}).get('kill_at_step', -1)
+  debug = config.get('debug', {})
+  kill_at = debug.get('kill_at_step', -1)
 
   # ----- Train. -----
   train_start, metrics, data_stats = time.perf_counter(), {}, {}
@@ -153,6 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, results)
         progress.excluded += time.perf_counter() - t0
 
+      if step == debug.get('sigterm_at_step', -1) and jax.process_index() == debug.get('sigterm_process', 0):
+        os.kill(os.getpid(), signal.SIGTERM)  # Test hook: a preemption notice that reaches one process only.
       t0 = time.perf_counter()
       if jax.process_count() > 1:  # Every process must agree to stop at the same step (saves are collective).
         stop['signal'] = agree_on_stop(stop['signal'])

@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jmm.config import ConfigError, validate
+from jmm.errors import ConfigError
+from jmm.validation import validate
 from jmm.objectives import contrastive
 
 AXES = ('data', 'fsdp', 'tensor')
@@ -95,21 +96,21 @@ def test_rings_on_odd_and_small_device_counts(devices):
 
 
 def _normalised_loss_fn(impl, name):
-  """loss_fn on raw features that are L2-normalised first, as the model's towers do."""
-  config = ml_collections.ConfigDict({'name': name, 'impl': impl})
+  """The objective's loss on raw features that are L2-normalised first, as the model's towers do."""
+  config = ml_collections.ConfigDict({'loss': name, 'impl': impl})
 
   def fn(params, x, y):
     zimg = x @ params['wi']
     ztxt = y @ params['wt']
     zimg = zimg / jnp.linalg.norm(zimg, axis=-1, keepdims=True)
     ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
-    extras = {'t': jnp.exp(params['log_t']), 'b': params['b']}
-    return contrastive.loss_fn((zimg, ztxt, extras), {}, config)
+    outputs = {'zimg': zimg, 'ztxt': ztxt, 't': jnp.exp(params['log_t']), 'b': params['b']}
+    return contrastive.loss(outputs, {}, config)
 
   return jax.value_and_grad(fn, has_aux=True)
 
 
-def test_loss_fn_under_jit_and_grad_matches_dense_with_metrics():
+def test_objective_under_jit_and_grad_matches_dense_with_metrics():
   rng = np.random.default_rng(7)
   batch, width, dim = 16, 12, 8
   wi = rng.normal(size=(width, dim)).astype(np.float32)
@@ -133,16 +134,16 @@ def test_loss_fn_under_jit_and_grad_matches_dense_with_metrics():
 
 def test_sharded_impls_fall_back_to_dense_without_batch_devices():
   zimg, ztxt = _embeddings(6)
-  extras = {'t': jnp.float32(T), 'b': jnp.float32(BIAS)}
-  dense_cfg = ml_collections.ConfigDict({'name': 'sigmoid', 'impl': 'dense'})
-  want, want_metrics = contrastive.loss_fn((zimg, ztxt, extras), {}, dense_cfg)
-  ring_cfg = ml_collections.ConfigDict({'name': 'sigmoid', 'impl': 'ring'})
+  outputs = {'zimg': zimg, 'ztxt': ztxt, 't': jnp.float32(T), 'b': jnp.float32(BIAS)}
+  dense_cfg = ml_collections.ConfigDict({'loss': 'sigmoid', 'impl': 'dense'})
+  want, want_metrics = contrastive.loss(outputs, {}, dense_cfg)
+  ring_cfg = ml_collections.ConfigDict({'loss': 'sigmoid', 'impl': 'ring'})
   for mesh in (None, _mesh((1, 1, 8))):  # No mesh; a mesh whose batch axes have size 1 ('tensor' only).
     if mesh is None:
-      got, got_metrics = contrastive.loss_fn((zimg, ztxt, extras), {}, ring_cfg)
+      got, got_metrics = contrastive.loss(outputs, {}, ring_cfg)
     else:
       with jax.set_mesh(mesh):
-        got, got_metrics = contrastive.loss_fn((zimg, ztxt, extras), {}, ring_cfg)
+        got, got_metrics = contrastive.loss(outputs, {}, ring_cfg)
     assert float(got) == float(want)
     assert {k: float(v) for k, v in got_metrics.items()} == {k: float(v) for k, v in want_metrics.items()}
 
@@ -179,18 +180,18 @@ def test_ring_never_holds_global_logits():
 
 def test_impl_must_fit_the_loss():
   zimg, ztxt = _embeddings(4)
-  extras = {'t': jnp.float32(T), 'b': jnp.float32(BIAS)}
-  with pytest.raises(ValueError, match='config.loss.impl'):
-    contrastive.loss_fn((zimg, ztxt, extras), {}, ml_collections.ConfigDict({'name': 'softmax', 'impl': 'ring'}))
-  with pytest.raises(ValueError, match='config.loss.impl'):
+  outputs = {'zimg': zimg, 'ztxt': ztxt, 't': jnp.float32(T), 'b': jnp.float32(BIAS)}
+  with pytest.raises(ValueError, match="impl='ring' is not available for loss='softmax'"):
+    contrastive.loss(outputs, {}, ml_collections.ConfigDict({'loss': 'softmax', 'impl': 'ring'}))
+  with pytest.raises(ValueError, match="impl='allreduce'"):
     contrastive.sharded_loss(zimg, ztxt, T, BIAS, 'sigmoid', 'allreduce')
   with jax.set_mesh(_mesh((8,))), pytest.raises(ValueError, match='divisible'):
     contrastive.sharded_loss(*_embeddings(12), T, BIAS, 'sigmoid', 'ring')
   from configs import clip
   config = clip.get_config()
-  assert config.loss.impl == 'dense'
-  config.loss.impl = 'bidir'
-  with pytest.raises(ConfigError, match='config.loss.impl'):
+  assert config.objectives.softmax.impl == 'dense'
+  config.objectives.softmax.impl = 'bidir'
+  with pytest.raises(ConfigError, match="config.objectives.softmax: impl='bidir'"):
     validate(config)
-  config.loss.impl = 'gather'
+  config.objectives.softmax.impl = 'gather'
   validate(config)

@@ -20,6 +20,7 @@ import pytest
 from jmm import convert
 from jmm.convert import common
 from jmm.convert import hf
+from jmm.models import build as model_build
 
 torch = pytest.importorskip('torch')
 
@@ -65,8 +66,9 @@ def _jmm_outputs(spec, flat, images, ids):
   model = convert.model_from_spec(spec)
   params = convert.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
   with jax.default_matmul_precision('highest'):
-    zimg, ztxt, extras = jax.jit(model.apply)({'params': params}, jnp.asarray(images), jnp.asarray(ids))
-  logits = np.asarray(ztxt @ zimg.T * extras['t'] + extras['b'])  # [texts, images], as HF's logits_per_text.
+    out = jax.jit(model.apply)({'params': params}, {'image': jnp.asarray(images), 'text': jnp.asarray(ids)})
+  zimg, ztxt = out['zimg'], out['ztxt']
+  logits = np.asarray(ztxt @ zimg.T * out['t'] + out['b'])  # [texts, images], as HF's logits_per_text.
   return np.asarray(zimg), np.asarray(ztxt), logits
 
 
@@ -295,8 +297,8 @@ def test_big_vision_parity_roundtrip_and_scan(hf_siglip, tmp_path):
 def _param_shapes(model, text_len, resolution=IMAGE):
   """The model's parameter tree as ShapeDtypeStructs (nothing computed: all load_init_params needs)."""
   def init():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)),
-                           jnp.zeros((1, text_len), jnp.int32))
+    variables = model.init(jax.random.key(0), {'image': jnp.zeros((1, resolution, resolution, 3)),
+                                               'text': jnp.zeros((1, text_len), jnp.int32)})
     return nn.unbox(variables['params'])
   return jax.eval_shape(init)
 
@@ -312,7 +314,6 @@ def _load_config(name, arg):
 
 def test_cli_import_then_pretrained_config_and_init(hf_siglip, tmp_path, capsys):
   """import_weights CLI -> .npz -> configs/pretrained.py builds the model -> load_init_params -> HF's outputs."""
-  from jmm import train  # pylint: disable=g-import-not-at-top
   from jmm.convert import import_weights  # pylint: disable=g-import-not-at-top
   hf_siglip.save_pretrained(str(tmp_path / 'hf'))
   out = str(tmp_path / 'siglip.npz')
@@ -320,16 +321,17 @@ def test_cli_import_then_pretrained_config_and_init(hf_siglip, tmp_path, capsys)
   printed = capsys.readouterr().out
   assert f'configs/pretrained.py:weights={out}' in printed and '--config.data.text_len=12' in printed
   config = _load_config('pretrained', f'weights={out}')
-  assert config.init_from == out and config.loss.name == 'sigmoid' and config.data.resolution == IMAGE
-  model = train.make_model(config, vocab_size=VOCAB)
+  assert config.init_from == out and config.objectives.sigmoid.loss == 'sigmoid' and config.data.resolution == IMAGE
+  model = model_build.make_model(config, vocab_size=VOCAB)
   loaded = convert.load_init_params(config.init_from, _param_shapes(model, config.data.text_len))
   images, ids = _inputs(4)
   with jax.default_matmul_precision('highest'):
-    zimg, ztxt, _ = jax.jit(model.apply)({'params': loaded}, jnp.asarray(images), jnp.asarray(ids))
+    out_ = jax.jit(model.apply)({'params': loaded}, {'image': jnp.asarray(images), 'text': jnp.asarray(ids)})
+  zimg, ztxt = out_['zimg'], out_['ztxt']
   want = _hf_outputs(hf_siglip, images, ids)
   assert _rel_err(zimg, want[0]) < RTOL and _rel_err(ztxt, want[1]) < RTOL
   # A config that does not match the weights is refused, naming the parameter.
-  params = _param_shapes(train.make_model(config, vocab_size=VOCAB), TEXT_LEN + 4)
+  params = _param_shapes(model_build.make_model(config, vocab_size=VOCAB), TEXT_LEN + 4)
   with pytest.raises(ValueError, match=r"'txt/pos_embedding' has shape \(12, 48\) there.*\(16, 48\)"):
     convert.load_init_params(out, params)
   # Export back through the CLI: the HF directory reproduces the original model's outputs.
@@ -348,7 +350,8 @@ def test_load_init_params_from_workdir(tmp_path):
                          text=dict(width=32, depth=1, mlp_dim=64, num_heads=2, pool_type='last'), out_dim=16,
                          temperature_init=1.0, bias_init=-1.0))
   model = convert.model_from_spec(spec)
-  init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))))
+  init = jax.jit(lambda key: nn.unbox(model.init(key, {'image': jnp.zeros((1, 16, 16, 3)),
+                                                      'text': jnp.zeros((1, 8), jnp.int32)})))
   params = jax.tree.map(np.asarray, init(jax.random.key(0))['params'])
   state = {'params': params, 'opt_state': {'mu': jax.tree.map(np.ones_like, params)}, 'step': np.int32(7)}
   ck = ckpt_lib.Checkpointer(str(tmp_path), use_async=False, every=1)
@@ -382,13 +385,14 @@ def test_export_jmm_workdir_to_hf(tmp_path):
                       out_dim=32, temperature_init=math.log(10.0), bias_init=-10.0)
   spec = dict(format='jmm', loss='sigmoid', resolution=IMAGE, text_len=TEXT_LEN, vocab_size=VOCAB, model=model_config)
   model = convert.model_from_spec(spec)
-  init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, IMAGE, IMAGE, 3)),
-                                                 jnp.zeros((1, TEXT_LEN), jnp.int32))))
+  init = jax.jit(lambda key: nn.unbox(model.init(key, {'image': jnp.zeros((1, IMAGE, IMAGE, 3)),
+                                                      'text': jnp.zeros((1, TEXT_LEN), jnp.int32)})))
   params = jax.tree.map(np.asarray, init(jax.random.key(3))['params'])
   ck = ckpt_lib.Checkpointer(str(tmp_path / 'wd'), use_async=False, every=1)
   ck.save(5, {'params': params, 'step': np.int32(5)}, None, force=True)
   ck.close()
-  config = {'model': model_config, 'data': {'resolution': IMAGE, 'text_len': TEXT_LEN}, 'loss': {'name': 'sigmoid'}}
+  config = {'model': model_config, 'data': {'resolution': IMAGE, 'text_len': TEXT_LEN},
+            'objectives': {'sigmoid': {'type': 'contrastive', 'loss': 'sigmoid'}}}
   (tmp_path / 'wd' / 'config.json').write_text(json.dumps(config))
   assert export_weights.main([f'--src={tmp_path / "wd"}', f'--out={tmp_path / "hf"}']) == 0
   exported = transformers.SiglipModel.from_pretrained(str(tmp_path / 'hf')).eval()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jmm import config as config_lib
+from jmm import validation
+from jmm.data import build as data_build
 from jmm.data import array_record
 from jmm.data import mixture
 from jmm.data import pipeline
@@ -295,19 +296,18 @@ def _config(**data):
 
 
 def test_config_builds_and_validates_sources(wds, ar_files, tok, monkeypatch):
-  from jmm import train  # pylint: disable=g-import-not-at-top
   config = _config(name='webdataset', paths=wds[0])
-  config_lib.validate(config)
-  it = train.make_train_iterator(config, tok, 4, 0, 1)
+  validation.validate(config)
+  it = data_build.make_train_iterator(config, tok, 4, 0, 1)
   batch = next(it)
   assert batch['image'].shape == (4, RES, RES, 3) and set(batch['data_stats']) == {
       'bad_records/webdataset', 'bad_shards/webdataset'}
-  with pytest.raises(config_lib.ConfigError, match=r'data.paths.*nothing'):
-    config_lib.validate(_config(name='webdataset', paths='/nonexistent/nothing-*.tar'))
-  with pytest.raises(config_lib.ConfigError, match='data.paths is empty'):
-    config_lib.validate(_config(name='array_record'))
-  with pytest.raises(config_lib.ConfigError, match=r'mixture\[1\].type'):
-    config_lib.validate(_config(name='mixture', mixture=[dict(name='a', type='array_record', weight=1.0,
+  with pytest.raises(validation.ConfigError, match=r'data.paths.*nothing'):
+    validation.validate(_config(name='webdataset', paths='/nonexistent/nothing-*.tar'))
+  with pytest.raises(validation.ConfigError, match='data.paths is empty'):
+    validation.validate(_config(name='array_record'))
+  with pytest.raises(validation.ConfigError, match=r'mixture\[1\].type'):
+    validation.validate(_config(name='mixture', mixture=[dict(name='a', type='array_record', weight=1.0,
                                                               paths=ar_files[0]),
                                                          dict(name='b', type='parquet', weight=1.0)]))
   config = _config(name='mixture', mixture=[
@@ -315,10 +315,10 @@ def test_config_builds_and_validates_sources(wds, ar_files, tok, monkeypatch):
       dict(name='cc', type='array_record', weight=1.0, paths=ar_files[0]),
       dict(name='fake', type='tfds', weight=1.0, tfds_name='fake', caption_key='texts/caption')])
   monkeypatch.setattr(tfds_source, '_tfds_data_source', lambda *a: _FakeTfds(13))
-  config_lib.validate(config)
-  source = train.make_source(config)
+  validation.validate(config)
+  source = data_build.make_source(config)
   assert isinstance(source, mixture.SourceMixture) and len(source.captions(30)) >= 27
-  batch = next(train.make_train_iterator(config, tok, 8, 1, 2))
+  batch = next(data_build.make_train_iterator(config, tok, 8, 1, 2))
   assert batch['image'].shape == (8, RES, RES, 3) and len(batch['data_stats']) == 6
 
 

@@ -139,8 +139,8 @@ def _sgd_run(impl: str, params, images, texts, steps: int = 3, lr: float = 0.5):
   @jax.jit
   def step(params):
     def loss_fn(p):
-      zimg, ztxt, ex = model.apply({'params': p}, images, texts)
-      return contrastive.sigmoid_loss(zimg, ztxt, ex['t'], ex['b'])
+      ex = model.apply({'params': p}, {'image': images, 'text': texts})
+      return contrastive.sigmoid_loss(ex['zimg'], ex['ztxt'], ex['t'], ex['b'])
     loss, grads = jax.value_and_grad(loss_fn)(params)
     return loss, jax.tree.map(lambda p, g: p - lr * g, params, grads)
 
@@ -157,7 +157,7 @@ def test_training_loss_same_with_pallas_and_xla():
   texts = jnp.asarray(rng.integers(0, 50, (4, 7)), jnp.int32)
   # Random parameters in the model's tree: no init to compile, and every bias / scale matters.
   shapes = nn.unbox(jax.eval_shape(two_tower.TwoTower(image=VIT, text=TXT, out_dim=16).init, jax.random.key(0),
-                                   images, texts)['params'])
+                                   {'image': images, 'text': texts})['params'])
   params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
   xla_losses, xla_params = _sgd_run('xla', params, images, texts)
   pallas_losses, pallas_params = _sgd_run('pallas', params, images, texts)

@@ -18,6 +18,7 @@ VIT = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=(4, 4))
 TXT = dict(vocab_size=50, width=32, depth=2, mlp_dim=64, num_heads=2)
 IMAGE = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
 TEXT = np.random.default_rng(1).integers(0, 50, (3, 7)).astype(np.int32)
+BATCH = {'image': IMAGE, 'text': TEXT}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def params():
   Random (not initialiser) values make the reference comparison check every bias and LayerNorm scale, and
   need no compiled init; `small_init` checks the initialisers.
   """
-  shapes = nn.unbox(jax.eval_shape(_two_tower().init, jax.random.key(0), IMAGE, TEXT)['params'])
+  shapes = nn.unbox(jax.eval_shape(_two_tower().init, jax.random.key(0), BATCH)['params'])
   shapes['img']['cls'] = jax.ShapeDtypeStruct((VIT['width'],), jnp.float32)
   rng = np.random.default_rng(2)
   return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
@@ -119,7 +120,7 @@ def params():
 
 @pytest.fixture(scope='module')
 def small_init():
-  return nn.unbox(jax.jit(_small_two_tower().init)(jax.random.key(0), IMAGE, TEXT)['params'])
+  return nn.unbox(jax.jit(_small_two_tower().init)(jax.random.key(0), BATCH)['params'])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def test_scan_and_remat_match_plain_loop(params):
 def test_every_param_has_logical_axes(scan):
   model = two_tower.TwoTower(image={**VIT, 'pool_type': 'map', 'scan': scan},
                              text={**TXT, 'pool_type': 'map', 'scan': scan}, out_dim=16)
-  variables = jax.eval_shape(model.init, jax.random.key(0), IMAGE, TEXT)
+  variables = jax.eval_shape(model.init, jax.random.key(0), BATCH)
   leaves = jax.tree.leaves(variables['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   for box in leaves:
@@ -202,7 +203,10 @@ def test_every_param_has_logical_axes(scan):
 
 def test_two_tower_outputs_and_single_modality(params):
   model = _two_tower()
-  zimg, ztxt, extras = model.apply({'params': params}, IMAGE, TEXT)
+  extras = model.apply({'params': params}, BATCH)
+  zimg, ztxt = extras['zimg'], extras['ztxt']
+  assert set(extras) == {'zimg', 'ztxt', 'img', 'txt', 't', 'b'}
+  assert extras['img']['encoded'].shape == (3, 16, VIT['width']) and extras['txt']['pre_logits'].shape == (3, 32)
   assert zimg.shape == ztxt.shape == (3, 24) and zimg.dtype == ztxt.dtype == jnp.float32
   np.testing.assert_allclose(jnp.linalg.norm(zimg, axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(ztxt, axis=-1), 1.0, atol=1e-5)
@@ -212,13 +216,14 @@ def test_two_tower_outputs_and_single_modality(params):
   img_emb = ref_vit(params['img'], IMAGE, VIT['depth'], VIT['patch_size'], 'map')
   np.testing.assert_allclose(zimg, img_emb / jnp.linalg.norm(img_emb, axis=-1, keepdims=True), atol=1e-5)
 
-  zimg_only, none_txt, _ = model.apply({'params': params}, IMAGE, None)
-  none_img, ztxt_only, _ = model.apply({'params': params}, None, TEXT)
-  assert none_txt is None and none_img is None
+  image_only = model.apply({'params': params}, {'image': IMAGE})
+  text_only = model.apply({'params': params}, {'text': TEXT})
+  assert 'ztxt' not in image_only and 'txt' not in image_only and 'zimg' not in text_only
+  zimg_only, ztxt_only = image_only['zimg'], text_only['ztxt']
   np.testing.assert_allclose(zimg_only, zimg, atol=1e-6)
   np.testing.assert_allclose(ztxt_only, ztxt, atol=1e-6)
   # A one-tower init creates only that tower (plus the scalars).
-  shapes = jax.eval_shape(model.init, jax.random.key(0), None, TEXT)['params']
+  shapes = jax.eval_shape(model.init, jax.random.key(0), {'text': TEXT})['params']
   assert set(shapes) == {'txt', 't', 'b'}
 
 
@@ -227,7 +232,8 @@ def test_initial_values(small_init):
   np.testing.assert_allclose(p['t'], math.log(10.0), rtol=1e-6)  # SigLIP: t' = log 10, so exp(t') = 10.
   np.testing.assert_allclose(p['b'], -10.0)
   assert p['t'].shape == p['b'].shape == () and p['t'].dtype == jnp.float32
-  zimg, ztxt, extras = _small_two_tower().apply({'params': p}, IMAGE, TEXT)
+  extras = _small_two_tower().apply({'params': p}, BATCH)
+  zimg, ztxt = extras['zimg'], extras['ztxt']
   np.testing.assert_allclose(extras['t'], 10.0, rtol=1e-6)
   np.testing.assert_allclose(extras['b'], -10.0)
   assert not np.allclose(zimg[0], zimg[1]) and not np.allclose(ztxt[0], ztxt[1])
@@ -244,7 +250,8 @@ def test_gradients_reach_both_towers_and_scalars(small_init):
   model = _small_two_tower()
 
   def loss(p):
-    zi, zt, ex = model.apply({'params': p}, IMAGE, TEXT)
+    ex = model.apply({'params': p}, BATCH)
+    zi, zt = ex['zimg'], ex['ztxt']
     return jnp.sum(jax.nn.log_sigmoid(ex['t'] * zi @ zt.T + ex['b']))
 
   grads = jax.jit(jax.grad(loss))(small_init)
@@ -253,14 +260,16 @@ def test_gradients_reach_both_towers_and_scalars(small_init):
 
 
 def test_bfloat16_compute_close_to_float32(params):
-  zimg, ztxt, _ = _two_tower().apply({'params': params}, IMAGE, TEXT)
+  out = _two_tower().apply({'params': params}, BATCH)
+  zimg, ztxt = out['zimg'], out['ztxt']
   bf16 = _two_tower(dtype=jnp.bfloat16)
-  bzimg, bztxt, extras = jax.jit(bf16.apply)({'params': params}, IMAGE, TEXT)
+  extras = jax.jit(bf16.apply)({'params': params}, BATCH)
+  bzimg, bztxt = extras['zimg'], extras['ztxt']
   assert bzimg.dtype == jnp.float32 and extras['t'].dtype == jnp.float32
   np.testing.assert_allclose(bzimg, zimg, atol=3e-2)
   np.testing.assert_allclose(bztxt, ztxt, atol=3e-2)
   # bf16 compute keeps float32 params.
-  shapes = jax.eval_shape(bf16.init, jax.random.key(0), IMAGE, TEXT)
+  shapes = jax.eval_shape(bf16.init, jax.random.key(0), BATCH)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(shapes)))
 
 
@@ -278,7 +287,7 @@ def test_two_tower_variant_expansion():
   model = two_tower.TwoTower(image={'variant': 'Ti/4', 'width': 16, 'depth': 1, 'mlp_dim': 32, 'num_heads': 2},
                              text={'variant': 'Ti', 'vocab_size': 50, 'width': 16, 'depth': 1, 'mlp_dim': 32,
                                    'num_heads': 2}, out_dim=8)
-  variables = jax.eval_shape(model.init, jax.random.key(0), IMAGE, TEXT)
+  variables = jax.eval_shape(model.init, jax.random.key(0), BATCH)
   params = nn.unbox(variables['params'])
   assert params['img']['embedding']['kernel'].shape == (4, 4, 3, 16)
   assert params['txt']['head']['kernel'].shape == (16, 8)

@@ -17,8 +17,8 @@ FLAGS = [
     '--config.model.text.num_heads=2', '--config.model.out_dim=32', '--config.log_every=1',
     '--config.checkpoint.every=2', '--config.tokenizer.train_sentences=2000',
     '--config.mesh=data=-1,fsdp=2,tensor=1',
-    '--config.evals.zeroshot.num_examples=48', '--config.evals.retrieval.num_examples=48',
-    '--config.evals.linear_probe.num_examples=48', '--config.evals.linear_probe.train_examples=96',
+    '--config.evals.zeroshot.data.num_examples=48', '--config.evals.zeroshot.batch_size=48',
+    '--config.evals.retrieval.every=-1', '--config.evals.linear_probe.every=-1',
 ]
 
 
@@ -87,3 +87,16 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
   want, got = _losses(single), _losses(multi)
   assert sorted(want) == list(range(1, 7)) and sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """Saves are collective: when only process 1 gets SIGTERM, both agree to stop and save at the same step."""
+  workdir = str(tmp_path / 'run')
+  proc = _launch(2, workdir, '--config.debug.sigterm_at_step=3', '--config.debug.sigterm_process=1')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'SIGTERM: saved a checkpoint at step 3' in proc.stdout  # Process 0, which got no signal itself.
+  with open(os.path.join(workdir, 'process_1.log')) as f:
+    assert 'SIGTERM: saved a checkpoint at step 3' in f.read()
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '3'))
+  assert not os.path.exists(os.path.join(workdir, 'final_metrics.json'))

@@ -1,20 +1,18 @@
 """Mesh, shardings and sharded training on 8 simulated CPU devices (jmm.parallel + jmm.train)."""
-import os
-import sys
-
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import siglip
 from jmm import checkpoint as ckpt_lib
-from jmm import config as config_lib
+from jmm import objectives
 from jmm import parallel
+from jmm import step as step_lib
 from jmm import train
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import siglip  # noqa: E402
+from jmm.data import build as data_build
+from jmm.models import build as model_build
 
 VOCAB = 64
 MESHES = ['data=8,fsdp=1,tensor=1', 'data=2,fsdp=4,tensor=1', 'data=2,fsdp=2,tensor=2']
@@ -42,12 +40,12 @@ def _batches(n, batch=16, seed=0):
 def _setup(config):
   mesh = parallel.make_mesh(config.mesh)
   axis_rules = parallel.rules(config, mesh)
-  model = train.make_model(config, VOCAB)
-  objective = config_lib.lookup('objectives', config.objective)
+  model = model_build.make_model(config, VOCAB)
   with jax.set_mesh(mesh):
-    state, shardings, tx, schedule = train.create_state(model, config, mesh, axis_rules)
-  step = train.make_train_step(model, tx, schedule, objective, config.loss, state_shardings=shardings,
-                               mesh=mesh, axis_rules=axis_rules)
+    state, shardings, tx, schedule = step_lib.create_state(model, config, data_build.batch_spec(config), mesh,
+                                                           axis_rules)
+  step = step_lib.make_train_step(model, tx, schedule, objectives.load(config), state_shardings=shardings,
+                                  mesh=mesh, axis_rules=axis_rules)
   return mesh, state, shardings, step
 
 
@@ -118,7 +116,7 @@ def test_same_loss_curve_on_every_mesh():
   runs = [(spec, 'dense') for spec in MESHES] + [(MESHES[2], 'ring'), (MESHES[1], 'bidir')]
   for spec, impl in runs:
     config = _config(spec)
-    config.loss.impl = impl
+    config.objectives.sigmoid.impl = impl
     mesh, state, _, step = _setup(config)
     _, curves[spec, impl] = _train(mesh, state, step, batches)
   reference = curves[runs[0]]

@@ -35,7 +35,7 @@ def spec_from_workdir_config(config: dict, flat: dict) -> dict:
     towers[name].setdefault('out_dim', model['out_dim'])
   towers['image'].setdefault('patch_size', [16, 16])
   towers['image']['patch_size'] = list(towers['image']['patch_size'])
-  return dict(format='jmm', loss=config.get('loss', {}).get('name', 'sigmoid'),
+  return dict(format='jmm', loss=contrastive_loss(config),
               resolution=int(config['data']['resolution']), text_len=int(flat['txt/pos_embedding'].shape[0]),
               vocab_size=int(flat['txt/token_embedding'].shape[0]),
               model=dict(image=towers['image'], text=towers['text'], out_dim=model['out_dim'],
@@ -79,3 +79,11 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   sys.exit(main())
+
+
+def contrastive_loss(config: dict) -> str:
+  """'sigmoid' or 'softmax': the contrastive objective of a workdir's config.json (the first, if several)."""
+  for section in (config.get('objectives') or {}).values():
+    if section.get('type') == 'contrastive':
+      return section.get('loss', 'sigmoid')
+  return (config.get('loss') or {}).get('name', 'sigmoid')  # Workdirs written before config.objectives.

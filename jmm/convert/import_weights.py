@@ -29,7 +29,7 @@ def describe(spec: dict, flat: dict, out: str, src: str) -> str:
            'jmm config (config.model):', json.dumps(spec['model'], indent=2),
            'matching overrides: ' + ' '.join([
                f'--config.data.resolution={spec["resolution"]}', f'--config.data.text_len={spec["text_len"]}',
-               f'--config.loss.name={spec["loss"]}', f'--config.init_from={out}']),
+               f'--config.objectives.{spec["loss"]}.loss={spec["loss"]}', f'--config.init_from={out}']),
            'train or evaluate from it (the config builds this model; give the peer\'s tokenizer file):',
            f'  python -m jmm.main --config=configs/pretrained.py:weights={out},tokenizer=TOKENIZER_FILE '
            f'--workdir=DIR']
