@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmm.models import layers
+from jmm.models import encoder
 
 
 def _loss_and_grads(remat, policy, scan):
-  model = layers.Encoder(depth=2, mlp_dim=64, num_heads=2, remat=remat, remat_policy=policy, scan=scan)
+  model = encoder.Encoder(depth=2, mlp_dim=64, num_heads=2, remat=remat, remat_policy=policy, scan=scan)
   x = jax.random.normal(jax.random.key(0), (2, 6, 32))
   params = model.init(jax.random.key(1), x)['params']
   loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x)))  # noqa: E731
@@ -30,17 +30,17 @@ def test_remat_policies_match_no_remat(scan, cases):
 
 
 def test_remat_policy_resolution():
-  assert layers.remat_policy(False, 'none') == (False, None)
-  assert layers.remat_policy(True, 'none') == (True, None)
-  assert layers.remat_policy(False, 'dots') == (True, jax.checkpoint_policies.checkpoint_dots)
+  assert encoder.remat_policy(False, 'none') == (False, None)
+  assert encoder.remat_policy(True, 'none') == (True, None)
+  assert encoder.remat_policy(False, 'dots') == (True, jax.checkpoint_policies.checkpoint_dots)
   with pytest.raises(ValueError, match='remat_policy.*known: none, full, dots'):
-    layers.remat_policy(False, 'everything')
+    encoder.remat_policy(False, 'everything')
 
 
 def test_dots_policy_saves_matmuls():
   # With 'dots' the backward pass recomputes no matmul; with 'full' it recomputes the forward's.
   def count_dots(policy):
-    model = layers.Encoder(depth=1, mlp_dim=64, num_heads=2, remat_policy=policy)
+    model = encoder.Encoder(depth=1, mlp_dim=64, num_heads=2, remat_policy=policy)
     x = jnp.ones((2, 6, 32))
     params = model.init(jax.random.key(1), x)['params']
     grad = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x)))

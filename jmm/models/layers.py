@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmm import cpu_matmuls
 from jmm.kernels import attention as attention_lib
+from jmm.kernels import matmul
 
 AXIS_NAMES = ('batch', 'length', 'embed', 'mlp', 'heads', 'kv', 'vocab', 'patch_height', 'patch_width',
               'conv_in', 'probe', 'out', 'layers')
@@ -115,7 +115,7 @@ def token_matmul(x, kernel, bias, n_in: int = 1, dtype=jnp.float32):
   reshaped, so XLA fuses it into the next element-wise op instead of into the matmul (where oneDNN needs a
   materialised [batch * tokens, out] broadcast of it). Same numbers as a DenseGeneral; the reshapes are free
   (row-major bitcasts) and the batch axis stays the major part of the merged one, sharding included. On a CPU the
-  weight gradient transposes the narrower of x and dy (`cpu_matmuls.row_contraction`; oneDNN's operand copies).
+  weight gradient transposes the narrower of x and dy (`kernels.matmul.row_contraction`; oneDNN's operand copies).
   """
   lead, in_shape = x.shape[:-n_in], x.shape[x.ndim - n_in:]
   out_shape = kernel.shape[n_in:]
@@ -127,7 +127,7 @@ def token_matmul(x, kernel, bias, n_in: int = 1, dtype=jnp.float32):
 
 @jax.custom_vjp
 def _cpu_matmul(x, w):
-  """x @ w whose weight gradient x^T dy is `cpu_matmuls.row_contraction`'s (the narrower operand transposed)."""
+  """x @ w whose weight gradient x^T dy is `kernels.matmul.row_contraction`'s (the narrower operand transposed)."""
   return x @ w
 
 
@@ -137,7 +137,7 @@ def _cpu_matmul_fwd(x, w):
 
 def _cpu_matmul_bwd(residuals, dy):
   x, w = residuals
-  return dy @ w.T, cpu_matmuls.row_contraction(x, dy)
+  return dy @ w.T, matmul.row_contraction(x, dy)
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
@@ -327,115 +327,6 @@ class MultiHeadAttention(nn.Module):
     out_params = DenseParams((self.num_heads, head_dim), (width,), ('heads', 'kv', 'embed'), ('embed',),
                              self.param_dtype, name='out')()
     return token_matmul(out, *out_params, n_in=2, dtype=self.dtype)  # [B, Tq, width]
-
-
-class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
-
-  causal is a field, not a call argument, so `nn.remat` / `nn.scan` never trace it (it picks kernel code paths).
-  """
-  mlp_dim: int
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = 'xla'
-  activation: str = 'gelu_tanh'
-  norm_eps: float = 1e-6
-  causal: bool = False  # Decoder-style self-attention: token i sees tokens j <= i.
-  moe: Any = None  # A mixture-of-experts MLP ('moe', jmm.models.moe.MoeMlp's fields) instead of the MlpBlock.
-
-  @nn.compact
-  def __call__(self, x, mask=None, segment_ids=None):  # x: [batch, tokens, width]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = constrain(x)
-    y = layer_norm(name='ln_attn', epsilon=self.norm_eps, **kw)(x)
-    y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, name='attn', **kw)(
-        y, y, mask, causal=self.causal, segment_ids=segment_ids)
-    x = constrain(x + y)
-    y = layer_norm(name='ln_mlp', epsilon=self.norm_eps, **kw)(x)
-    if self.moe:
-      from jmm.models import moe as moe_lib  # pylint: disable=g-import-not-at-top  (moe imports this module)
-      y = moe_lib.MoeMlp(self.mlp_dim, activation=self.activation, name='moe', **dict(self.moe), **kw)(y)
-    else:
-      y = MlpBlock(self.mlp_dim, activation=self.activation, name='mlp', **kw)(y)
-    return constrain(x + y)
-
-
-class _ScanBlock(Encoder1DBlock):
-  """Encoder1DBlock with the (carry, output) signature `nn.scan` needs."""
-
-  def __call__(self, x, mask=None, segment_ids=None):
-    return super().__call__(x, mask, segment_ids), None
-
-
-# Activation checkpointing policies by name (jax.checkpoint_policies): what the backward pass may reuse from
-# the forward instead of recomputing. 'full' keeps nothing (least memory, one extra forward); 'dots' keeps every
-# matmul output (recomputes only elementwise ops: norms, GELU, softmax); 'dots_no_batch' keeps the projection and
-# MLP matmuls but recomputes the attention matmuls (those have batch dimensions), whose [B, H, T, T] outputs
-# are the largest activations at long sequence lengths.
-REMAT_POLICIES = {
-    'none': None,
-    'full': None,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def remat_policy(remat: bool, name: str):
-  """(whether to remat, the jax.checkpoint policy) for the `remat` bool and a REMAT_POLICIES name.
-
-  'none' leaves the choice to the bool (True: 'full', today's behaviour); any other name turns remat on.
-  """
-  if name not in REMAT_POLICIES:
-    raise ValueError(f'unknown remat_policy {name!r}; known: {", ".join(REMAT_POLICIES)}')
-  return remat or name != 'none', REMAT_POLICIES[name]
-
-
-class Encoder(nn.Module):
-  """`depth` pre-LN blocks and a final LayerNorm.
-
-  remat: recompute each block's activations in the backward pass (memory for ~1/3 more compute).
-  remat_policy: what remat may keep (a key of REMAT_POLICIES); 'none' = `remat` decides ('full' if set).
-  scan: one `nn.scan` over stacked layer params (leading 'layers' axis): compile time independent of depth.
-  The param trees differ: `encoderblock_{i}/...` without scan, `encoderblock/...` with a leading depth axis.
-  moe: `config.model.moe` fields (jmm.models.moe) incl. 'layers', the pattern of blocks whose MLP is a mixture of
-  experts; None or num_experts=0: none.
-  """
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = 'xla'
-  remat: bool = False
-  scan: bool = False
-  activation: str = 'gelu_tanh'
-  norm_eps: float = 1e-6
-  remat_policy: str = 'none'
-  moe: Any = None
-
-  @nn.compact
-  def __call__(self, x, mask=None, *, causal: bool = False, segment_ids=None):  # x: [batch, tokens, width]
-    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps)
-    remat, policy = remat_policy(self.remat, self.remat_policy)
-    moe_blocks = {}
-    if self.moe and self.moe.get('num_experts'):
-      from jmm.models import moe as moe_lib  # pylint: disable=g-import-not-at-top  (moe imports this module)
-      moe_blocks = moe_lib.block_configs(self.moe, self.depth)  # {block index: MoeMlp fields}
-      if self.scan:
-        raise ValueError('model.moe with scan=True is not supported (the scanned blocks must be identical); '
-                         'set the tower\'s scan=False')
-    if self.scan:
-      block = nn.remat(_ScanBlock, prevent_cse=False, policy=policy) if remat else _ScanBlock
-      x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
-                     length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
-                         name='encoderblock', causal=causal, **kw)(x, mask, segment_ids)
-    else:
-      block = nn.remat(Encoder1DBlock, policy=policy) if remat else Encoder1DBlock
-      for i in range(self.depth):
-        x = block(name=f'encoderblock_{i}', causal=causal, moe=moe_blocks.get(i), **kw)(x, mask, segment_ids)
-    return layer_norm(self.dtype, self.param_dtype, name='encoder_norm', epsilon=self.norm_eps)(x)
 
 
 class MAPHead(nn.Module):

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jmm.models import encoder
 from jmm.models import layers
 
 POOL_TYPES = ('last', 'first', 'gap', 'map', 'eos', 'argmax')
@@ -36,7 +37,7 @@ class TextTransformer(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
   remat: bool = False
-  remat_policy: str = 'none'  # layers.REMAT_POLICIES: 'full', 'dots', 'dots_no_batch'.
+  remat_policy: str = 'none'  # encoder.REMAT_POLICIES: 'full', 'dots', 'dots_no_batch'.
   scan: bool = False
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
@@ -59,9 +60,9 @@ class TextTransformer(nn.Module):
                         (length, self.width), self.param_dtype)
     x = layers.add_position_embedding(x, posemb.astype(self.dtype))
     # causal: passed as such (not as a dense [L, L] mask) so flash kernels can skip the masked blocks.
-    x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
-                       remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
-                       norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x, causal=self.causal)
+    x = encoder.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
+                        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
+                        norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x, causal=self.causal)
     pool_type, tokens = self.pool_type, x
     if pool_type in ('eos', 'argmax'):  # Gather the one pooled position, then pool it as 'first'.
       if pool_type == 'eos':

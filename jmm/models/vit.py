@@ -7,40 +7,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jmm.models import encoder
 from jmm.models import layers
-
-# Sizes from the ViT paper (Ti/S/B/L), "Scaling ViTs" (g) and SigLIP's shape-optimised So400m ("Getting ViT in
-# Shape", Alabdulmohsin et al. 2023); M is big_vision's 512-wide model.
-VARIANTS = {
-    'Ti': dict(width=192, depth=12, mlp_dim=768, num_heads=3),
-    'S': dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    'M': dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
-    'B': dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    'L': dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    'So400m': dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
-    'g': dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
-}
+from jmm.models.variants import VARIANTS  # noqa: F401  (re-exported)
+from jmm.models.variants import decode_variant  # noqa: F401  (re-exported)
 
 POOL_TYPES = ('map', 'gap', 'tok')
-
-
-def decode_variant(variant: str) -> dict:
-  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16)); 'B' has no patch_size.
-
-  The short names are how papers and configs name models; the same table sizes the text tower ('B' text).
-  """
-  if not isinstance(variant, str):
-    raise ValueError(f'model variant must be a string like "B/16", got {variant!r}')
-  name, _, patch = variant.partition('/')
-  if name not in VARIANTS:
-    raise ValueError(f'unknown model variant {variant!r}; known: {", ".join(VARIANTS)} '
-                     f'(optionally with a patch size, e.g. "B/16")')
-  out = dict(VARIANTS[name])
-  if patch:
-    if not patch.isdigit() or int(patch) <= 0:
-      raise ValueError(f'model variant {variant!r}: patch size {patch!r} is not a positive integer')
-    out['patch_size'] = (int(patch), int(patch))
-  return out
 
 
 class PatchEmbedding(nn.Module):
@@ -94,7 +66,7 @@ class ViT(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
   remat: bool = False
-  remat_policy: str = 'none'  # layers.REMAT_POLICIES: 'full', 'dots', 'dots_no_batch'.
+  remat_policy: str = 'none'  # encoder.REMAT_POLICIES: 'full', 'dots', 'dots_no_batch'.
   scan: bool = False
   activation: str = 'gelu_tanh'
   norm_eps: float = 1e-6
@@ -129,9 +101,9 @@ class ViT(nn.Module):
       x = layers.add_position_embedding(x, posemb.astype(self.dtype))  # [B, 1 + tokens, D]
     if self.ln_pre:
       x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)
-    x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
-                       remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
-                       norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x)
+    x = encoder.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
+                        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
+                        norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x)
     emb, pooled = layers.pool_and_project(
         x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
         attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps,
