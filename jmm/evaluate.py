@@ -54,8 +54,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
 def main(argv) -> None:
   del argv
   from jmm import errors
-  from jmm import main as main_lib
-  main_lib.quiet_library_logs()
+  from jmm import metrics
+  metrics.quiet_library_logs()
   try:
     results = evaluate_checkpoint(_CONFIG.value, os.path.abspath(_WORKDIR.value), _STEP.value)
   except errors.USER_ERRORS as e:

@@ -5,7 +5,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, with an optional :argument.',
@@ -24,8 +23,9 @@ def main(argv) -> None:
     hostmem.tune_malloc(_CONFIG.value.get('host_malloc', 'auto'))
   except ValueError as e:
     sys.exit(f'error: {e}')
-  quiet_library_logs()
   from jmm import errors  # Imported after flag parsing so --help stays fast.
+  from jmm import metrics
+  metrics.quiet_library_logs()
   from jmm import parallel
   from jmm import train
   try:
@@ -33,13 +33,6 @@ def main(argv) -> None:
     train.run(_CONFIG.value, _WORKDIR.value)
   except errors.USER_ERRORS as e:
     sys.exit(f'error: {e}')
-
-
-def quiet_library_logs() -> None:
-  """Library INFO logging (Orbax, Grain, absl) off unless --verbosity was given: the terminal shows jmm's own
-  set-up, progress and evaluation lines. `--verbosity=0` brings INFO back."""
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
 
 
 if __name__ == '__main__':

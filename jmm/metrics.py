@@ -80,3 +80,12 @@ class Progress:
     print(' | '.join(parts), file=self.stream, flush=True)
     self._last_step, self._last_time, self.excluded = step, now, 0.0
     return {'images_per_sec': sps * self.batch_size, 'steps_per_sec': sps}
+
+
+def quiet_library_logs() -> None:
+  """Library INFO logging (Orbax, Grain, absl) off unless --verbosity was given, so the terminal shows jmm's
+  set-up, progress and evaluation lines; `--verbosity=0` brings INFO back. Call after absl parsed the flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
