@@ -11,10 +11,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jmm.errors import CheckpointMismatchError  # noqa: F401  (re-exported)
 from jmm.optim import param_path
 
-
-from jmm.errors import CheckpointMismatchError  # noqa: F401  (re-exported)
+# Train-state entries added after checkpoints were first written: a checkpoint without them still resumes.
+OPTIONAL = ('rng', 'nonfinite')
 
 
 class Checkpointer:
@@ -39,12 +40,16 @@ class Checkpointer:
                               data=ocp.args.JsonSave(data_state or {}))
     return self.manager.save(step, args=args, force=force)
 
-  def check_shapes(self, step: int, abstract_state) -> None:
-    """Raises CheckpointMismatchError naming the first parameter whose saved shape differs from the model's."""
+  def _saved_tree(self, step: int):
     meta = self.manager.item_metadata(step)['state']
     meta = getattr(meta, 'tree', meta)
     if meta is None:
       raise CheckpointMismatchError(f'checkpoint {self.directory}/{step} has no readable state metadata')
+    return meta
+
+  def check_shapes(self, step: int, abstract_state) -> None:
+    """Raises CheckpointMismatchError naming the first parameter whose saved shape differs from the model's."""
+    meta = self._saved_tree(step)
     want = {param_path(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     have = {param_path(p): tuple(getattr(x, 'shape', ()) or ())
@@ -65,7 +70,13 @@ class Checkpointer:
             f'but the config builds {shape}. Use a fresh --workdir or the config that wrote it.')
 
   def restore(self, step: int, abstract_state):
-    """Restores (state, data_state) at `step` into the structure and shardings of `abstract_state`."""
+    """Restores (state, data_state) at `step` into the structure and shardings of `abstract_state`.
+
+    Top-level entries of OPTIONAL that the checkpoint predates (written before the train state carried them)
+    are left out of the returned state: the caller keeps its fresh values for them.
+    """
+    saved = self._saved_tree(step)
+    abstract_state = {k: v for k, v in abstract_state.items() if k not in OPTIONAL or k in saved}
     self.check_shapes(step, abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))

@@ -12,7 +12,6 @@ from typing import Any
 
 import ml_collections
 
-
 from jmm.errors import ConfigError  # noqa: F401  (re-exported: jmm.config.ConfigError)
 
 

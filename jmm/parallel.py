@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jmm.errors import MeshError  # noqa: F401  (re-exported)
 from jmm.kernels.mesh_axes import BATCH_AXES  # Mesh axes that split the batch (all but 'tensor').
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
@@ -58,9 +59,6 @@ LOGICAL_RULES = (
     ('patch_width', None),
     ('conv_in', None),
 )
-
-
-from jmm.errors import MeshError  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ----- Resume (onto this mesh, whatever mesh wrote the checkpoint). -----
   if start_step:
-    state, data_state = checkpointer.restore(start_step, ckpt_lib.abstract_like(state))
+    restored, data_state = checkpointer.restore(start_step, ckpt_lib.abstract_like(state))
+    state = {**state, **restored}
     if data_state:
       data_iter.set_state(data_state)
     print(f'resumed from checkpoint at step {start_step}', flush=True)

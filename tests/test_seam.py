@@ -187,3 +187,17 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_a_finite_checkpoint(tmp_path
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   logged = _metrics(str(tmp_path))
   assert [m['nonfinite_steps'] for m in logged] == [0, 0, 0, 0, 1, 2, 3]
+
+
+def test_a_checkpoint_from_before_the_rng_and_guard_still_resumes(tmp_path):
+  """Train states written before 'rng' and 'nonfinite' existed restore; the caller keeps fresh values for them."""
+  from jmm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  params = {'w': np.arange(4, dtype=np.float32)}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), use_async=False, every=1)
+  ck.save(3, {'params': params, 'step': np.int32(3)}, {'position': 3}, force=True)
+  fresh = {'params': {'w': np.zeros(4, np.float32)}, 'step': np.int32(0), 'rng': np.asarray(step_lib.rng_data(0)),
+           'nonfinite': np.zeros(3, np.int32)}
+  restored, data_state = ck.restore(3, ckpt_lib.abstract_like(fresh))
+  ck.close()
+  assert set(restored) == {'params', 'step'} and data_state == {'position': 3}
+  np.testing.assert_array_equal(restored['params']['w'], params['w'])
