@@ -31,8 +31,9 @@ def test_train_step_writes_json(tmp_path):
   assert record['label'] == 'smoke' and record['step']['n'] == 2
   assert record['step']['median_s'] > 0 and record['images_per_s'] > 0
   assert record['config']['batch_size'] == 4 and record['config']['text_len'] == 8
-  # The analytic count agrees with XLA's cost analysis of the compiled step within 10% (plus elementwise).
-  assert 0.9 < record['flops']['xla_over_analytic'] < 1.25
+  # The analytic count agrees with XLA's cost analysis of the compiled step within 10%, plus elementwise work:
+  # the optimizer's and the non-finite guard's per-parameter ops (0.11 of the ratio), large at this tiny size.
+  assert 0.9 < record['flops']['xla_over_analytic'] < 1.4
   assert 0 < record['mfu'] and record['peak_source'].startswith('measured')
   assert record['memory']['peak_bytes'] > 0
   assert [json.loads(line) for line in results.read_text().splitlines()] == [record]
