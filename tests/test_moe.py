@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jmm import config as config_lib
+from jmm import objectives
+from jmm import step as step_lib
+from jmm import validation as config_lib  # validate(config)
+from jmm.data import build as data_build
+from jmm.models import build as model_build
 from jmm import parallel
 from jmm import train
 from jmm.config import ConfigError
@@ -184,7 +188,7 @@ def test_dense_config_keeps_the_dense_parameter_tree():
   c = _tiny(siglip.get_config('res=16,batch=16,steps=4'))
   assert c.model.moe.num_experts == 0
   image, text = _inputs(1)
-  params = jax.eval_shape(train.make_model(c, VOCAB).init, jax.random.key(0), image, text)['params']
+  params = jax.eval_shape(model_build.make_model(c, VOCAB).init, jax.random.key(0), {'image': image, 'text': text})['params']
   block = params['img']['encoder']['encoderblock_1']
   assert 'mlp' in block and 'moe' not in block
 
@@ -198,12 +202,12 @@ def _inputs(batch=4, seed=0):
 @pytest.mark.parametrize('capacity_factor, gating', [(0.0, 'softmax_topk'), (2.0, 'topk_softmax')])
 def test_upcycled_model_equals_its_dense_parent(capacity_factor, gating):
   dense_config = _tiny(siglip.get_config('res=16,batch=16,steps=4'))
-  dense_model = train.make_model(dense_config, VOCAB)
-  dense_params, _ = train.init_params(dense_model, dense_config, 0)
+  dense_model = model_build.make_model(dense_config, VOCAB)
+  dense_params, _ = model_build.init_params(dense_model, data_build.batch_spec(dense_config), 0)
   config = _tiny(clip_up.get_config('res=16,batch=16,steps=4,experts=4,k=2'))
   config.model.moe.update(capacity_factor=capacity_factor, gating=gating, layers='all')
-  model = train.make_model(config, VOCAB)
-  fresh, _ = train.init_params(model, config, 1)
+  model = model_build.make_model(config, VOCAB)
+  fresh, _ = model_build.init_params(model, data_build.batch_spec(config), 1)
   from jmm import convert  # pylint: disable=g-import-not-at-top
   template = moe.dense_template(fresh)
   assert set(convert.flatten(template)) == set(convert.flatten(dense_params))
@@ -213,25 +217,27 @@ def test_upcycled_model_equals_its_dense_parent(capacity_factor, gating):
       'fc_in']['kernel'])
   np.testing.assert_array_equal(block['router'], fresh['txt']['encoder']['encoderblock_0']['moe']['router'])
   image, text = _inputs(4)
-  zimg_d, ztxt_d, _ = jax.jit(dense_model.apply)({'params': dense_params}, image, text)
-  zimg, ztxt, _ = jax.jit(model.apply)({'params': params}, image, text)
+  batch = {'image': image, 'text': text}
+  out_d = jax.jit(dense_model.apply)({'params': dense_params}, batch)
+  out = jax.jit(model.apply)({'params': params}, batch)
+  zimg_d, ztxt_d, zimg, ztxt = out_d['zimg'], out_d['ztxt'], out['zimg'], out['ztxt']
   np.testing.assert_allclose(zimg, zimg_d, atol=2e-6)
   np.testing.assert_allclose(ztxt, ztxt_d, atol=2e-6)
   # Without renormalisation the top-2 of a softmax over 4 experts sum to less than one: not the parent.
   config.model.moe.update(gating='softmax_topk', renormalize=False)
-  zimg_u, _, _ = jax.jit(train.make_model(config, VOCAB).apply)({'params': params}, image, text)
+  zimg_u = jax.jit(model_build.make_model(config, VOCAB).apply)({'params': params}, batch)['zimg']
   assert np.abs(np.asarray(zimg_u) - np.asarray(zimg_d)).max() > 1e-3
 
 
 def _setup(config, devices=None, params=None):
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   axis_rules = parallel.rules(config, mesh)
-  model = train.make_model(config, VOCAB)
-  objective = config_lib.lookup('objectives', config.objective)
+  model = model_build.make_model(config, VOCAB)
   with jax.set_mesh(mesh):
-    state, shardings, tx, schedule = train.create_state(model, config, mesh, axis_rules, params=params)
-  step = train.make_train_step(model, tx, schedule, objective, config.loss, state_shardings=shardings, mesh=mesh,
-                               axis_rules=axis_rules, moe_config=config.model.moe)
+    state, shardings, tx, schedule = step_lib.create_state(model, config, data_build.batch_spec(config), mesh,
+                                                           axis_rules, params=params)
+  step = step_lib.make_train_step(model, tx, schedule, objectives.load(config), state_shardings=shardings,
+                                  mesh=mesh, axis_rules=axis_rules)
   return mesh, state, step
 
 
@@ -268,7 +274,7 @@ def test_expert_parallel_training_equals_one_device():
   for spec in ('data=2,expert=4', 'expert=8'):
     curve, params = results[spec]
     for got, want in zip(curve, ref_curve):
-      for key in ('loss', 'contrastive_loss', 'moe/img/aux_loss', 'moe/txt/z_loss', 'moe/img/dropped_fraction',
+      for key in ('loss', 'contrastive/loss', 'moe/img/aux_loss', 'moe/txt/z_loss', 'moe/img/dropped_fraction',
                   'moe/txt/load_max_over_mean', 'grad_norm'):
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=f'{spec} {key}')
     # An attention key bias adds the same q . b to every logit of a query, which softmax ignores: its gradient is
@@ -280,13 +286,13 @@ def test_expert_parallel_training_equals_one_device():
 
 
 def test_clip_up_upcycles_a_dense_workdir_and_trains(tmp_path, capsys):
-  small = dict(num_examples=48, batch_size=48)
   def shrink(c):
     _tiny(c)
     c.batch_size, c.log_every, c.checkpoint.every = 16, 2, 1000
     c.checkpoint['async'] = False
     c.tokenizer.train_sentences = 2000
-    c.evals = {'retrieval': dict(type='retrieval', every=0, resolution=16, seed=1, text_len=8, **small)}
+    c.evals = {'retrieval': dict(type='retrieval', every=0, text_len=8, batch_size=48,
+                                 data=dict(name='synthetic', split='test', resolution=16, seed=1, num_examples=48))}
     return c
   dense_dir, moe_dir = str(tmp_path / 'dense'), str(tmp_path / 'moe')
   dense = shrink(siglip.get_config('res=16,steps=1'))
@@ -301,7 +307,7 @@ def test_clip_up_upcycles_a_dense_workdir_and_trains(tmp_path, capsys):
   with open(os.path.join(moe_dir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   first = next(m for m in logged if 'moe/img/aux_loss' in m)
-  assert {'moe/txt/z_loss', 'moe/img/dropped_fraction', 'moe/img/load_max_over_mean', 'contrastive_loss'} <= set(first)
+  assert {'moe/txt/z_loss', 'moe/img/dropped_fraction', 'moe/img/load_max_over_mean', 'contrastive/loss'} <= set(first)
 
 
 # ---------------------------------------------------------------------------------------------------------------
