@@ -35,8 +35,10 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   eval_run.validate(config)
   tokenizer = data_build.make_tokenizer(config, workdir)
   model = model_build.make_model(config, tokenizer.vocab_size)
-  mesh = parallel.make_mesh('data=1', devices=jax.local_devices()[:1])  # The restore target; evals embed on it.
-  state, _, _, _ = step_lib.create_state(model, config, data_build.batch_spec(config), mesh)
+  # The restore target, on one device; evals embed there.
+  mesh = parallel.make_mesh('data=1,fsdp=1,tensor=1', devices=jax.local_devices()[:1])
+  state, _, _, _ = step_lib.create_state(model, config, data_build.batch_spec(config), mesh,
+                                         parallel.rules(config, mesh))
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every)
   try:
     step = step if step is not None else checkpointer.latest_step()
