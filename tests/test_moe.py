@@ -285,6 +285,35 @@ def test_expert_parallel_training_equals_one_device():
     jax.tree_util.tree_map_with_path(close, params, ref_params)
 
 
+def test_step_loss_is_the_weighted_sum_of_contrastive_and_moe_terms():
+  """'loss' = w_c * contrastive/loss + w_moe * moe/loss, where moe/loss sums aux_loss_weight * aux + z_loss_weight
+  * z over every MoE layer (2 per tower here; the logged per-tower values are layer means); raising the moe
+  weight by 2 raises the step's loss by exactly 2 * moe/loss, the contrastive part untouched."""
+  batch = {'image': np.random.default_rng(0).uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32),
+           'text': np.random.default_rng(1).integers(3, VOCAB, (16, 8)).astype(np.int32)}
+  logged, init = {}, None
+  for moe_weight in (1.0, 3.0):
+    config = _tiny(clip_up.get_config('res=16,batch=16,steps=4,experts=4,k=2'))
+    config.model.moe.layers = 'all'
+    config.objectives.contrastive.weight = 0.5
+    config.objectives.moe.update(weight=moe_weight, aux_loss_weight=0.05, z_loss_weight=0.002)
+    config.mesh = 'data=1'
+    mesh, state, step = _setup(config, jax.devices()[:1], params=init)
+    if init is None:
+      init = jax.tree.map(np.array, state['params'])  # Both weights start from the same parameters.
+    with jax.set_mesh(mesh):
+      logged[moe_weight] = jax.device_get(step(state, parallel.global_batch(batch, mesh))[1])
+  m = logged[1.0]
+  per_layer = sum(0.05 * m[f'moe/{t}/aux_loss'] + 0.002 * m[f'moe/{t}/z_loss'] for t in ('img', 'txt'))
+  np.testing.assert_allclose(m['moe/loss'], 2 * per_layer, rtol=1e-5)
+  assert m['moe/loss'] > 0
+  for w, got in logged.items():
+    np.testing.assert_allclose(got['loss'], 0.5 * got['contrastive/loss'] + w * got['moe/loss'], rtol=1e-6)
+    np.testing.assert_array_equal(got['contrastive/loss'], m['contrastive/loss'])
+    np.testing.assert_array_equal(got['moe/loss'], m['moe/loss'])
+  np.testing.assert_allclose(logged[3.0]['loss'] - m['loss'], 2 * m['moe/loss'], rtol=1e-4)
+
+
 def test_clip_up_upcycles_a_dense_workdir_and_trains(tmp_path, capsys):
   def shrink(c):
     _tiny(c)
