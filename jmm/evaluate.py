@@ -13,6 +13,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jmm import config as config_lib
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file the checkpoint was trained with.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir holding checkpoints/ and tokenizer.model.')
@@ -72,4 +74,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)  # Bad flags: one error line, no traceback.

@@ -7,6 +7,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jmm import config as config_lib
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, with an optional :argument.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
@@ -37,4 +39,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)  # Bad flags: one error line, no traceback.

@@ -145,19 +145,30 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize('extra,config,pattern', [
-    (['--config.no_such_key=1'], 'configs/siglip.py', 'no_such_key'),
+    (['--config.no_such_key=1'], 'configs/siglip.py', "--config.no_such_key: config has no field 'no_such_key'"),
+    (['--config.model.imag.width=8'], 'configs/siglip.py',
+     "--config.model.imag.width: config.model has no field 'imag'; did you mean image?"),
+    (['--config.total_steps=abc'], 'configs/siglip.py', 'flag --config.total_steps=abc: invalid literal for int()'),
     ([], 'configs/siglip.py:img=Q/16', "Q/16"),
-    ([], 'configs/siglip.py:imgs=B', "unknown config argument 'imgs'"),
+    ([], 'configs/siglip.py:imgs=B', "--config=configs/siglip.py:imgs=B: unknown config argument 'imgs'"),
+    ([], 'configs/siglip.py:res=abc', "--config=configs/siglip.py:res=abc: config argument res='abc': expected int"),
+    ([], 'configs/no_such.py', "--config=configs/no_such.py: no config file 'configs/no_such.py'"),
     (['--config.tokenizer.path=/nonexistent/spm.model'], 'configs/siglip.py', '/nonexistent/spm.model'),
 ])
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, extra, config, pattern):
   proc = _cli(str(tmp_path / 'w'), *extra, config=config, tiny=False)
   assert proc.returncode != 0
   assert pattern in proc.stderr, proc.stderr[-2000:]
-  # One clear line, not a stack. Not yet for errors raised while absl parses the flags (an unknown override, a
-  # bad config argument): config_flags loads the config file there, before jmm.main can catch anything.
-  if not (extra[:1] == ['--config.no_such_key=1'] or ':imgs=' in config):
-    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  # One clear line, not a stack, also for errors raised while absl parses the flags (jmm.config.parse_flags).
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_evaluate_reports_a_bad_flag_in_one_line(tmp_path):
+  proc = _cli(str(tmp_path), '--config.evals.zeroshot.evry=1', config='configs/siglip.py', module='jmm.evaluate',
+              tiny=False)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines() == [
+      "error: --config.evals.zeroshot.evry: config.evals.zeroshot has no field 'evry'; did you mean every?"]
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
