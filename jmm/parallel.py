@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmm.errors import MeshError  # noqa: F401  (re-exported)
 from jmm.kernels.mesh_axes import BATCH_AXES  # Mesh axes that split the batch (all but 'tensor').
+from jmm.kernels.mesh_axes import batch_axes
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('tensor', 1))
@@ -171,11 +172,6 @@ def make_mesh(spec=None, devices: Sequence[Any] | None = None) -> jax.sharding.M
   names = tuple(shape)
   auto = (jax.sharding.AxisType.Auto,) * len(names)
   return jax.make_mesh(tuple(shape.values()), names, axis_types=auto, devices=devices)
-
-
-def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes that split the batch, in mesh order."""
-  return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
 
 
 def batch_shards(mesh) -> int:

@@ -38,6 +38,9 @@ def test_each_constant_is_defined_once():
   for name in ('BATCH_AXES', 'DTYPES'):
     where = [p for p, text in _sources() if re.search(rf'^{name} = ', text, re.M)]
     assert len(where) == 1, (name, where)
+  # Which axes of a mesh split the batch: one function (jmm/kernels/mesh_axes.py), which every layer imports.
+  where = [p for p, text in _sources() if re.search(r'^def batch_axes\(', text, re.M)]
+  assert where == ['jmm/kernels/mesh_axes.py'], where
   # The MoE defaults: jmm/models/moe.py's DEFAULTS, which the recipes read.
   where = [p for p, text in _sources() if 'num_experts=0, k=2' in text]
   assert where == ['jmm/models/moe.py'], where

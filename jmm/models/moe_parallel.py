@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jmm.kernels import moe as kernels
-from jmm.kernels.mesh_axes import BATCH_AXES
+from jmm.kernels.mesh_axes import batch_axes
 from jmm.models import layers
 from jmm.models import moe_routing as routing
 
@@ -170,5 +170,5 @@ def batch_mesh_axes():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return (), 1, 1
-  axes = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+  axes = batch_axes(mesh)
   return axes, math.prod(mesh.shape[a] for a in axes), mesh.shape.get('expert', 1)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jmm.errors import ConfigError
-from jmm.kernels.mesh_axes import BATCH_AXES
+from jmm.kernels.mesh_axes import BATCH_AXES  # noqa: F401  (re-exported: the tests read it here)
+from jmm.kernels.mesh_axes import batch_axes
 
 
 def pairwise_logits(zimg, ztxt, t, b=0.0):
@@ -65,14 +66,6 @@ def softmax_loss(zimg, ztxt, t):
 # benchmarks/loss_memory.py measures it.
 
 IMPLS = {'sigmoid': ('dense', 'ring', 'bidir', 'gather'), 'softmax': ('dense', 'gather')}
-
-
-def batch_axes(mesh=None) -> tuple[str, ...]:
-  """The axes of `mesh` (default: the mesh in context, see `jax.set_mesh`) that split the batch, in mesh order."""
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  if mesh is None or mesh.empty:
-    return ()
-  return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
 
 
 def check_impl(name: str, impl: str) -> None:
