@@ -222,3 +222,83 @@ def test_device_suite_budget_and_failures(tmp_path):
   assert 'step_cudnn' not in {sec['name'] for sec in device_suite.sections(True, 4)}
   with pytest.raises(SystemExit, match='unknown sections'):
     device_suite.main(['--quick', '--only=nope', f'--out_dir={tmp_path}'])
+
+
+def test_ab_commits_alternates_the_commits_and_summarises(tmp_path, monkeypatch, capsys):
+  """main() with git, the step runs and lscpu faked: A B A B A B order, the step arguments passed through, the
+  median / min / max table and B / A per turn, and both worktrees removed."""
+  from benchmarks import ab_commits  # pylint: disable=g-import-not-at-top
+  commands, turns = [], []
+  seconds = iter([1.0, 0.9, 1.4, 1.3, 1.2, 1.0])  # A0 B0 A1 B1 A2 B2: B / A per turn 0.900, 0.929, 0.833.
+
+  def fake_run(cmd, **kw):
+    commands.append((cmd, kw.get('cwd')))
+    return subprocess.CompletedProcess(cmd, 0, stdout='Architecture: x86_64\nModel name:   Fake CPU 9000\n')
+
+  def fake_one_turn(tree, args, out):
+    turns.append((tree, list(args), os.path.basename(out)))
+    return {'step': {'median_s': next(seconds)}}
+
+  monkeypatch.setattr(ab_commits.subprocess, 'run', fake_run)
+  monkeypatch.setattr(ab_commits, 'one_turn', fake_one_turn)
+  out = tmp_path / 'ab.json'
+  step_args = ['--config=configs/siglip.py:res=16', '--steps=5']
+  assert ab_commits.main(['--a=abc1234', '--b=origin/main', '--turns=3', f'--out={out}', '--', *step_args]) == 0
+
+  adds = [cmd for cmd, _ in commands if cmd[:3] == ['git', 'worktree', 'add']]
+  assert [cmd[-1] for cmd in adds] == ['abc1234', 'origin/main']
+  tree_a, tree_b = adds[0][-2], adds[1][-2]
+  assert os.path.basename(tree_b) == 'origin_main'  # A '/' in a rev does not nest folders.
+  assert [t for t, _, _ in turns] == [tree_a, tree_b] * 3
+  assert all(args == step_args for _, args, _ in turns)
+  assert [name for _, _, name in turns] == ['A0.json', 'B0.json', 'A1.json', 'B1.json', 'A2.json', 'B2.json']
+  removed = [cmd[-1] for cmd, _ in commands if cmd[:3] == ['git', 'worktree', 'remove']]
+  assert removed == [tree_a, tree_b]
+
+  printed = capsys.readouterr().out
+  assert '| A abc1234 | 1.200 | 1.000 | 1.400 |' in printed
+  assert '| B origin/main | 1.000 | 0.900 | 1.300 |' in printed
+  assert 'B / A: 0.833 (per turn: 0.900, 0.929, 0.833)' in printed
+  assert 'machine: Fake CPU 9000' in printed
+  record = json.loads(out.read_text())
+  assert record == {'a': 'abc1234', 'b': 'origin/main', 'times': {'A': [1.0, 1.4, 1.2], 'B': [0.9, 1.3, 1.0]},
+                    'machine': 'Fake CPU 9000', 'step_args': step_args}
+
+
+def test_ab_commits_removes_its_worktrees_when_a_turn_fails(monkeypatch):
+  from benchmarks import ab_commits  # pylint: disable=g-import-not-at-top
+  commands = []
+  monkeypatch.setattr(ab_commits.subprocess, 'run',
+                      lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0, stdout=''))
+
+  def failing_turn(tree, args, out):
+    raise RuntimeError('train_step.py failed')
+
+  monkeypatch.setattr(ab_commits, 'one_turn', failing_turn)
+  with pytest.raises(RuntimeError, match='train_step.py failed'):
+    ab_commits.main(['--a=abc', '--b=def'])
+  assert [cmd[:3] for cmd in commands] == [['git', 'worktree', 'add']] * 2 + [['git', 'worktree', 'remove']] * 2
+  with pytest.raises(SystemExit):  # --b is required.
+    ab_commits.main(['--a=abc'])
+
+
+def test_ab_commits_one_turn_runs_that_commits_train_step(tmp_path, monkeypatch):
+  """The command line of a turn: the worktree's own benchmarks/train_step.py, run there, writing --out only."""
+  from benchmarks import ab_commits  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake_run(cmd, **kw):
+    seen.append((cmd, kw['cwd']))
+    out = next(a.split('=', 1)[1] for a in cmd if a.startswith('--out='))
+    with open(out, 'w') as f:
+      json.dump({'step': {'median_s': 0.25}}, f)
+    return subprocess.CompletedProcess(cmd, 0 if len(seen) == 1 else 1, stdout='', stderr='boom: no such flag')
+
+  monkeypatch.setattr(ab_commits.subprocess, 'run', fake_run)
+  tree, out = str(tmp_path / 'tree'), str(tmp_path / 'A0.json')
+  record = ab_commits.one_turn(tree, ['--steps=5'], out)
+  assert ab_commits.step_seconds(record) == 0.25
+  assert seen == [([sys.executable, os.path.join(tree, 'benchmarks', 'train_step.py'), '--steps=5', f'--out={out}',
+                    '--results='], tree)]
+  with pytest.raises(RuntimeError, match='boom: no such flag'):  # A failed run names its stderr.
+    ab_commits.one_turn(tree, ['--steps=5'], out)
