@@ -23,9 +23,9 @@ def tower(name: str, tiny: dict, **extra) -> dict:
   return {'variant': name, **extra}
 
 
-def contrastive(loss: str = 'sigmoid', impl: str = 'dense', weight: float = 1.0) -> dict:
+def contrastive(loss: str = 'sigmoid', impl: str = 'dense', weight: float = 1.0, hard_negatives: bool = False) -> dict:
   """A `config.objectives` entry for the contrastive objective (jmm/objectives/contrastive.py)."""
-  return dict(type='contrastive', weight=weight, loss=loss, impl=impl)
+  return dict(type='contrastive', weight=weight, loss=loss, impl=impl, hard_negatives=hard_negatives)
 
 
 def base_config(arg) -> ml_collections.ConfigDict:
@@ -51,7 +51,10 @@ def base_config(arg) -> ml_collections.ConfigDict:
   c.mesh = 'data=-1,fsdp=1,tensor=1'
 
   # Synthetic captions are at most 9 tokens with one object; raise text_len with max_objects.
-  c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=12, seed=0)
+  # short_caption_prob: the fraction of synthetic captions cut to 'a red triangle' (jmm/data/synthetic.py). Off:
+  # it raised zero-shot but the towers then ignore position, and retrieval collapsed (benchmarks/NOTES.md).
+  c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=12, seed=0, short_caption_prob=0.0,
+                negative_captions='')
   # Real data (jmm/data, README "Train on your own data"): name='webdataset' | 'array_record' | 'tfds' |
   # 'mixture'. paths: glob / {000..099} brace patterns, '::'-separated, local or fsspec; keys '' = per-kind
   # defaults (webdataset: jpg/jpeg/png/webp + txt; array_record and tfds: 'image' + 'caption').

@@ -227,6 +227,19 @@ def test_two_tower_outputs_and_single_modality(params):
   assert set(shapes) == {'txt', 't', 'b'}
 
 
+def test_two_tower_embeds_hard_negative_texts_beside_the_captions(params):
+  """A batch with 'text_neg' gets 'ztxt_neg': the text tower's embedding of those texts, while 'ztxt' and 'txt'
+  stay those of the captions alone (one tower call for both)."""
+  model = _two_tower()
+  negatives = TEXT[::-1]
+  out = model.apply({'params': params}, {**BATCH, 'text_neg': negatives})
+  plain = model.apply({'params': params}, BATCH)
+  np.testing.assert_allclose(out['ztxt'], plain['ztxt'], atol=1e-6)
+  np.testing.assert_allclose(out['txt']['encoded'], plain['txt']['encoded'], atol=1e-5)
+  np.testing.assert_allclose(out['ztxt_neg'], model.apply({'params': params}, {'text': negatives})['ztxt'], atol=1e-6)
+  assert 'ztxt_neg' not in plain
+
+
 def test_initial_values(small_init):
   p = small_init
   np.testing.assert_allclose(p['t'], math.log(10.0), rtol=1e-6)  # SigLIP: t' = log 10, so exp(t') = 10.

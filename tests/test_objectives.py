@@ -103,3 +103,56 @@ def test_contrastive_objective_validates_its_section():
     contrastive.validate({'loss': 'hinge'})
   with pytest.raises(ValueError, match="impl='ring'.*loss='softmax'"):
     contrastive.validate({'loss': 'softmax', 'impl': 'ring'})
+
+
+def _hard_negative_reference(zimg, ztxt, zneg, t, b, name):
+  """Each image against every text of the batch and every hard negative, written out pair by pair."""
+  n = zimg.shape[0]
+  texts = [ztxt[j] for j in range(n)] + [zneg[j] for j in range(n)]  # 2n candidates; j < n are the captions.
+  sims = [[jnp.dot(zimg[i], texts[j]) for j in range(2 * n)] for i in range(n)]
+  if name == 'sigmoid':
+    loss = 0.0
+    for i in range(n):
+      for j in range(2 * n):
+        loss -= jax.nn.log_sigmoid((1.0 if i == j else -1.0) * (t * sims[i][j] + b))
+    return loss / n
+  rows = [-jax.nn.log_softmax(jnp.stack([t * sims[i][j] for j in range(2 * n)]))[i] for i in range(n)]
+  cols = [-jax.nn.log_softmax(jnp.stack([t * sims[i][j] for i in range(n)]))[j] for j in range(n)]
+  return 0.5 * (sum(rows) / n + sum(cols) / n)
+
+
+@pytest.mark.parametrize('name,n', [('sigmoid', 4), ('sigmoid', 1), ('softmax', 5)])
+def test_hard_negatives_against_loop_reference(name, n):
+  """hard_negatives=True: the loss and its gradients (through the negatives too) against the loop; the
+  hard-negative accuracy counts images whose caption beats their own negative."""
+  zimg, ztxt = (jnp.asarray(x) for x in _embeddings(n, n, 8, seed=7))
+  zneg = jnp.asarray(_embeddings(n, n, 8, seed=8)[1])
+  t, b = jnp.float32(6.0), jnp.float32(-2.0)
+  config = {'loss': name, 'impl': 'dense', 'hard_negatives': True}
+  assert contrastive.batch_fields(config) == ('text_neg',)
+
+  def objective(zimg, ztxt, zneg, t, b):
+    return contrastive.loss({'zimg': zimg, 'ztxt': ztxt, 'ztxt_neg': zneg, 't': t, 'b': b}, {}, config)
+
+  loss, metrics = objective(zimg, ztxt, zneg, t, b)
+  np.testing.assert_allclose(float(loss), float(_hard_negative_reference(zimg, ztxt, zneg, t, b, name)), rtol=1e-5)
+  want_acc = np.mean(np.sum(zimg * ztxt, -1) > np.sum(zimg * zneg, -1))
+  assert float(metrics['hard_neg_acc']) == pytest.approx(want_acc)
+  plain, _ = contrastive.loss({'zimg': zimg, 'ztxt': ztxt, 't': t, 'b': b}, {}, {'loss': name})
+  assert float(loss) > float(plain)  # The negatives add terms.
+  argnums = (0, 1, 2, 3, 4) if name == 'sigmoid' else (0, 1, 2, 3)
+  got = jax.grad(lambda *a: objective(*a)[0], argnums=argnums)(zimg, ztxt, zneg, t, b)
+  ref = jax.grad(lambda *a: _hard_negative_reference(*a, name), argnums=argnums)(zimg, ztxt, zneg, t, b)
+  for g, r in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+
+
+def test_hard_negatives_config_errors():
+  with pytest.raises(ValueError, match="hard_negatives=True needs impl='dense'"):
+    contrastive.validate({'loss': 'sigmoid', 'impl': 'ring', 'hard_negatives': True})
+  with pytest.raises(ValueError, match='hard_negatives must be True or False'):
+    contrastive.validate({'loss': 'sigmoid', 'hard_negatives': 'yes'})
+  assert contrastive.batch_fields({'loss': 'sigmoid'}) == ()
+  with pytest.raises(ValueError, match="no 'ztxt_neg'"):
+    z = jnp.ones((2, 4)) / 2
+    contrastive.loss({'zimg': z, 'ztxt': z, 't': 1.0, 'b': 0.0}, {}, {'hard_negatives': True})

@@ -128,3 +128,71 @@ def test_train_never_shows_unseen_pairs_and_test_covers_them():
   assert 0.18 < unseen < 0.32  # Uniform over all pairs: ~25% unseen.
   assert len({(c, s) for c, s, _, _ in test}) == len(S.CLASS_NAMES)
   assert {z for _, _, z, _ in test} == {0, 1} and {p for _, _, _, p in test} == set(range(9))
+
+
+def test_short_caption_augmentation_changes_only_the_caption():
+  """short_caption_prob: that fraction of captions is the colour + shape phrases alone; images, labels and boxes
+  are those of the plain source, and the choice is a pure function of the index (same on every call)."""
+  plain = S.SyntheticCaptions('train', resolution=24, num_examples=400, seed=3, max_objects=2)
+  aug = S.SyntheticCaptions('train', resolution=24, num_examples=400, seed=3, max_objects=2, short_caption_prob=0.5)
+  short = 0
+  for i in range(0, 400, 4):
+    a, b = plain[i], aug[i]
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['boxes'], b['boxes'])
+    assert (a['label'], a['phrases']) == (b['label'], b['phrases'])
+    assert b['caption'] == aug[i]['caption']
+    objects = [(p.split()[2], p.split()[3]) for p in a['phrases'] if p]  # 'a small red triangle'
+    if b['caption'] != a['caption']:
+      short += 1
+      assert b['caption'] == ' and '.join(f'a {c} {s}' for c, s in objects)
+  assert 35 <= short <= 65, short  # ~50 of 100.
+  with pytest.raises(ValueError, match='short_caption_prob'):
+    S.SyntheticCaptions('train', short_caption_prob=1.5)
+
+
+def test_negative_captions_swap_one_attribute_of_object_0():
+  """negative_captions: the caption with object 0's shape replaced by another shape that 'train' shows with that
+  colour, or its position by another free cell; every other field is the plain source's."""
+  plain = S.SyntheticCaptions('train', resolution=24, num_examples=300, seed=5, max_objects=2)
+  neg = S.SyntheticCaptions('train', resolution=24, num_examples=300, seed=5, max_objects=2,
+                            negative_captions=('shape', 'position'))
+  shapes, swaps = set(), {'shape': 0, 'position': 0}
+  for i in range(0, 300, 3):
+    a, b = plain[i], neg[i]
+    assert set(b) == set(a) | {'negative_caption'}
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert a['caption'] == b['caption'] and b['negative_caption'] == neg[i]['negative_caption']
+    (c, s, z, p), *rest = _parse(a['caption'])
+    (nc, ns, nz, np_), *neg_rest = _parse(b['negative_caption'])
+    assert neg_rest == rest and (nc, nz) == (c, z) and (ns != s) != (np_ != p)  # Exactly one of the two.
+    if ns != s:
+      swaps['shape'] += 1
+      assert not S.is_unseen(c, ns)
+      shapes.add(ns)
+    else:
+      swaps['position'] += 1
+      assert np_ not in {o[3] for o in rest}  # A free cell.
+  assert len(shapes) >= len(S.SHAPES) - 1 and min(swaps.values()) > 30, (shapes, swaps)
+  with pytest.raises(ValueError, match='negative_captions'):
+    S.SyntheticCaptions('train', negative_captions=('colour',))
+
+
+def test_negative_captions_shape_only():
+  plain = S.SyntheticCaptions('train', resolution=24, num_examples=300, seed=5, max_objects=2)
+  neg = S.SyntheticCaptions('train', resolution=24, num_examples=300, seed=5, max_objects=2, negative_captions='shape')
+  shapes = set()
+  for i in range(0, 300, 3):
+    a, b = plain[i], neg[i]
+    assert set(b) == set(a) | {'negative_caption'}
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert a['caption'] == b['caption'] and b['negative_caption'] == neg[i]['negative_caption']
+    first, *rest = a['caption'].split(' and ')
+    neg_first, *neg_rest = b['negative_caption'].split(' and ')
+    assert neg_rest == rest
+    words, neg_words = first.split(), neg_first.split()
+    assert words[:3] + words[4:] == neg_words[:3] + neg_words[4:] and words[3] != neg_words[3]
+    new_shape = S.SHAPES.index(neg_words[3])
+    assert not S.is_unseen(a['colour'], new_shape)
+    shapes.add(new_shape)
+  assert len(shapes) == len(S.SHAPES)

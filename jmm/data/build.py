@@ -23,6 +23,9 @@ def validate(config) -> None:
   config_lib.check_choice(config, 'data.transform', TRANSFORMS)
   for field in ('data.resolution', 'data.text_len'):
     config_lib.check_positive_int(config, field)
+  prob = data.get('short_caption_prob', 0.0)
+  if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+    raise ConfigError(f'config.data.short_caption_prob must be a number in [0, 1], got {prob!r}')
   if data.name != 'synthetic':
     from jmm.data import mixture  # pylint: disable=g-import-not-at-top  (file sources only when asked for)
     try:
@@ -36,7 +39,9 @@ def make_source(config, split: str = 'train'):
   data = config.data
   if data.name == 'synthetic':
     return synthetic.SyntheticCaptions(split, resolution=data.resolution, seed=data.seed,
-                                       max_objects=data.max_objects)
+                                       max_objects=data.max_objects,
+                                       short_caption_prob=data.get('short_caption_prob', 0.0),
+                                       negative_captions=data.get('negative_captions', ''))
   from jmm.data import mixture  # pylint: disable=g-import-not-at-top
   try:
     return mixture.make_sources(data, split)
@@ -57,9 +62,10 @@ def batch_fields(config) -> tuple[str, ...]:
   if config.data.name != 'synthetic':
     return tuple(batch_spec(config))
   example = synthetic.SyntheticCaptions('train', resolution=8, num_examples=1, seed=0,
-                                        max_objects=config.data.max_objects)[0]
-  fields = {'text' if k == 'caption' else k for k, v in example.items() if k == 'caption' or not isinstance(v, str)
-            and not (isinstance(v, (list, tuple)) and v and isinstance(v[0], str))}
+                                        max_objects=config.data.max_objects,
+                                        negative_captions=config.data.get('negative_captions', ''))[0]
+  fields = {pipeline.TEXT_FIELDS.get(k, k) for k, v in example.items() if k in pipeline.TEXT_FIELDS or
+            not isinstance(v, str) and not (isinstance(v, (list, tuple)) and v and isinstance(v[0], str))}
   return tuple(sorted(fields))
 
 

@@ -38,6 +38,11 @@ def stack_examples(examples: Sequence[dict]) -> dict[str, Any]:
   return out
 
 
+# Caption fields a source may hold -> the token field of the batch ('negative_caption': jmm.data.synthetic's
+# hard negatives, read by the contrastive objective's hard_negatives option).
+TEXT_FIELDS = {'caption': 'text', 'negative_caption': 'text_neg'}
+
+
 class _ReadBatch:
   """Grain map: a batch of source indices -> the decoded batch (images in [-1, 1], tokens; strings dropped).
 
@@ -56,8 +61,8 @@ class _ReadBatch:
       if key == 'image':
         # Same map as jmm.evaluators.common.images_to_float: uint8 0..255 -> [-1, 1].
         out['image'] = np.asarray(value, np.float32) / 127.5 - 1.0  # [B, H, W, 3]
-      elif key == 'caption':
-        out['text'] = self.tokenizer.encode(value, self.text_len)  # [B, text_len] int32
+      elif key in TEXT_FIELDS:
+        out[TEXT_FIELDS[key]] = self.tokenizer.encode(value, self.text_len)  # [B, text_len] int32
       elif isinstance(value, list):
         continue  # Other string fields (phrases) have no numeric form for the model.
       elif value.dtype.kind == 'f':

@@ -28,6 +28,7 @@ SIZES = ('small', 'large')
 POSITIONS = ('top left', 'top', 'top right', 'left', 'centre', 'right', 'bottom left', 'bottom', 'bottom right')
 CLASS_NAMES: list[str] = [f'{c} {s}' for c in COLOURS for s in SHAPES]
 SPLITS = ('train', 'test')
+NEGATIVE_SWAPS = ('shape', 'position')  # Attributes a hard-negative caption may swap (negative_captions).
 DEFAULT_NUM_EXAMPLES = {'train': 1_000_000, 'test': 2_000}
 
 # Nominal extent (fraction of the image side) of each size, and the relative jitter around it. Small objects
@@ -94,9 +95,21 @@ def phrase(colour: int, shape: int, size: int) -> str:
   return f'a {SIZES[size]} {COLOURS[colour]} {SHAPES[shape]}'
 
 
+def short_phrase(colour: int, shape: int) -> str:
+  """The short noun phrase of one object, e.g. 'a red triangle': the caption augmentation's (see SyntheticCaptions)."""
+  return f'a {COLOURS[colour]} {SHAPES[shape]}'
+
+
 def object_caption(colour: int, shape: int, size: int, position: int) -> str:
   """The caption of one object, e.g. 'a small red triangle in the top left'."""
   return f'{phrase(colour, shape, size)} in the {POSITIONS[position]}'
+
+
+def _caption(objects, short: bool = False) -> str:
+  """The caption of [(colour, shape, size, position)]: every object's caption (or short phrase) joined by 'and'."""
+  if short:
+    return ' and '.join(short_phrase(c, s) for c, s, _, _ in objects)
+  return ' and '.join(object_caption(*o) for o in objects)
 
 
 def _sdf(shape: str, u: np.ndarray, v: np.ndarray, s: float) -> np.ndarray:
@@ -150,10 +163,23 @@ class SyntheticCaptions:
   Each example has 1..max_objects objects (uniformly many) at distinct cells of a 3x3 grid. Object 0 carries
   the example's label / colour / shape / size / position; the caption lists all objects joined by ' and '.
   'train' never draws a pair with `is_unseen`; 'test' draws every pair uniformly, from another seed stream.
+
+  negative_captions: attributes ('shape', 'position') whose swap makes a hard-negative caption: each example then
+  also carries 'negative_caption', its caption with one of them (drawn uniformly) of object 0 swapped for another
+  value: a shape seen with that colour in 'train' (never an unseen pair), or another free cell. A hard negative for
+  the contrastive loss (NegCLIP, Yuksekgonul et al. 2023). A short caption swaps its shape (it names no position).
+  Drawn after everything else: the other fields do not change.
+
+  short_caption_prob: the fraction of examples whose caption is only the short phrases ('a red triangle'), the
+  size and position dropped: a caption augmentation in the spirit of hybrid captions (Lai et al. 2024, several
+  captions of one image at different detail). With full captions two examples of a batch rarely share colour,
+  size and position, so few in-batch negatives differ by shape alone; a short caption makes every same-colour
+  object of the batch such a negative. The choice is drawn after rendering: images do not change.
   """
 
   def __init__(self, split: str = 'train', *, resolution: int = 32, num_examples: int | None = None,
-               seed: int = 0, max_objects: int = 1):
+               seed: int = 0, max_objects: int = 1, short_caption_prob: float = 0.0,
+               negative_captions: tuple[str, ...] = ()):
     if split not in SPLITS:
       raise ValueError(f'split={split!r}: expected one of {SPLITS}')
     if resolution < 8:
@@ -162,6 +188,14 @@ class SyntheticCaptions:
       raise ValueError(f'max_objects={max_objects}: must be in [1, {len(POSITIONS)}] (one object per cell)')
     if seed < 0:
       raise ValueError(f'seed={seed}: must be non-negative')
+    if not 0.0 <= short_caption_prob <= 1.0:
+      raise ValueError(f'short_caption_prob={short_caption_prob}: must be in [0, 1]')
+    self.short_caption_prob = float(short_caption_prob)
+    if isinstance(negative_captions, str):
+      negative_captions = tuple(a.strip() for a in negative_captions.split(',') if a.strip())
+    self.negative_captions = tuple(negative_captions)
+    if not set(self.negative_captions) <= set(NEGATIVE_SWAPS):
+      raise ValueError(f'negative_captions={negative_captions!r}: expected attributes among {NEGATIVE_SWAPS}')
     self.split = split
     self.resolution = int(resolution)
     self.num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else int(num_examples)
@@ -175,7 +209,8 @@ class SyntheticCaptions:
 
   def __repr__(self) -> str:
     return (f'SyntheticCaptions({self.split!r}, resolution={self.resolution}, '
-            f'num_examples={self.num_examples}, seed={self.seed}, max_objects={self.max_objects})')
+            f'num_examples={self.num_examples}, seed={self.seed}, max_objects={self.max_objects}, '
+            f'short_caption_prob={self.short_caption_prob}, negative_captions={self.negative_captions})')
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -275,9 +310,24 @@ class SyntheticCaptions:
     padded_boxes[:len(objects)] = boxes
     phrases = tuple(phrase(c, s, z) for c, s, z, _ in objects) + ('',) * (self.max_objects - len(objects))
     colour, shape, size, position = objects[0]
-    return dict(
+    # Drawn last (and only when asked for), so images and every other field match short_caption_prob=0.
+    short = self.short_caption_prob > 0 and rng.random() < self.short_caption_prob
+    caption = _caption(objects, short)
+    extra = {}
+    if self.negative_captions:
+      u = rng.random(2).tolist()
+      swap = 'shape' if short else self.negative_captions[int(u[0] * len(self.negative_captions))]
+      if swap == 'shape':
+        others = [s for s in range(len(SHAPES)) if s != shape and (colour, s) in self._combos]
+        first = (colour, others[int(u[1] * len(others))], size, position)
+      else:
+        taken = {o[3] for o in objects}
+        others = [p for p in range(len(POSITIONS)) if p not in taken]
+        first = (colour, shape, size, others[int(u[1] * len(others))])
+      extra['negative_caption'] = _caption([first, *objects[1:]], short)
+    return dict(**extra,
         image=image,
-        caption=' and '.join(object_caption(*o) for o in objects),
+        caption=caption,
         label=class_id(colour, shape),
         seen=not is_unseen(colour, shape),
         colour=colour, shape=shape, size=size, position=position,
@@ -290,5 +340,5 @@ class SyntheticCaptions:
     """The first `n` captions (all if n > len), drawn without rendering: text to train a tokenizer on."""
     out = []
     for i in range(min(int(n), self.num_examples)):
-      out.append(' and '.join(object_caption(*o) for o in self._attributes(self._rng(i))))
+      out.append(_caption(self._attributes(self._rng(i))))
     return out

@@ -61,7 +61,8 @@ class TwoTower(nn.Module):
 
   __call__(batch, train=False) -> outputs. `batch` is a dict holding 'image' [B, H, W, 3] and / or 'text'
   int32 [B, L] (evaluators embed one modality at a time: only that tower runs) and whatever objectives add.
-  outputs: 'zimg' / 'ztxt' [B, out_dim] float32 L2-normalised (for the modalities given), 'img' / 'txt' (each
+  outputs: 'zimg' / 'ztxt' [B, out_dim] float32 L2-normalised (for the modalities given), 'ztxt_neg' [B, out_dim]
+  when the batch holds 'text_neg' (hard-negative captions, run through the text tower with 'text'), 'img' / 'txt' (each
   tower's 'encoded' [B, tokens, width] and 'pre_logits' [B, width]), 't' = exp(t) and 'b', and one entry per head.
   """
   image: Mapping[str, Any]
@@ -84,8 +85,18 @@ class TwoTower(nn.Module):
     if batch.get('text') is not None:
       txt_tower = text_lib.TextTransformer(**tower_kwargs(self.text, text_lib.TextTransformer, **defaults),
                                            name='txt')
-      emb, outputs['txt'] = txt_tower(batch['text'], train=train)
-      outputs['ztxt'] = l2_normalize(emb)  # [B, out_dim]
+      text = batch['text']
+      negatives = batch.get('text_neg')
+      if negatives is not None:  # Hard-negative captions: one tower call for both, split after.
+        text = jnp.concatenate([text, negatives], axis=0)  # [2B, L]
+      emb, outputs['txt'] = txt_tower(text, train=train)
+      ztxt = l2_normalize(emb)  # [B or 2B, out_dim]
+      if negatives is not None:
+        n = batch['text'].shape[0]
+        outputs['ztxt_neg'] = ztxt[n:]
+        ztxt = ztxt[:n]
+        outputs['txt'] = jax.tree.map(lambda x: x[:n], outputs['txt'])
+      outputs['ztxt'] = ztxt  # [B, out_dim]
     # Scalars stay float32 whatever param_dtype is: the logits scale is too sensitive for bf16.
     t = self.param('t', layers.partitioned(nn.initializers.constant(self.temperature_init), ()), (), jnp.float32)
     b = self.param('b', layers.partitioned(nn.initializers.constant(self.bias_init), ()), (), jnp.float32)

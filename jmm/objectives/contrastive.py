@@ -286,20 +286,60 @@ def _dense_terms(zimg, ztxt, t, b, name):
   return loss, stats
 
 
+def hard_negative_loss(zimg, ztxt, ztxt_neg, t, b, name='sigmoid'):
+  """The loss with one extra negative text per image, `ztxt_neg` [B, dim] (NegCLIP, Yuksekgonul et al. 2023).
+
+  The extra texts are negatives of every image, as the batch's other texts are. Sigmoid: the [B, 2B] logits
+  against [ztxt; ztxt_neg], summed and divided by B as in `sigmoid_loss`. Softmax: image->text over the 2B texts;
+  text->image over the B images of each real text (a negative text has no image to find).
+  """
+  all_txt = jnp.concatenate([ztxt, ztxt_neg], axis=0)  # [2B, dim]
+  n = zimg.shape[0]
+  if name == 'sigmoid':
+    logits = pairwise_logits(zimg, all_txt, t, b)  # [B, 2B]
+    labels = 2.0 * jnp.eye(n, 2 * n, dtype=logits.dtype) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+  logits = pairwise_logits(zimg, all_txt, t)  # [B, 2B]
+  diag = jnp.arange(n)
+  i2t = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[diag, diag])
+  t2i = -jnp.mean(jax.nn.log_softmax(logits[:, :n], axis=0)[diag, diag])
+  return 0.5 * (i2t + t2i)
+
+
 def validate(config) -> None:
-  """Checks this objective's section of `config.objectives`: `loss` ('sigmoid' | 'softmax') and `impl`."""
+  """Checks this objective's section of `config.objectives`: `loss` ('sigmoid' | 'softmax'), `impl` and
+  `hard_negatives` (dense only: the sharded forms score square blocks)."""
   check_impl(config.get('loss', 'sigmoid'), config.get('impl', 'dense'))
+  hard = config.get('hard_negatives', False)
+  if not isinstance(hard, bool):
+    raise ConfigError(f'hard_negatives must be True or False, got {hard!r}')
+  if hard and config.get('impl', 'dense') != 'dense':
+    raise ConfigError(f"hard_negatives=True needs impl='dense', got impl={config.get('impl')!r}")
+
+
+def batch_fields(config) -> tuple[str, ...]:
+  """hard_negatives reads the batch's 'text_neg' (synthetic data: data.negative_captions=True)."""
+  return ('text_neg',) if config.get('hard_negatives', False) else ()
 
 
 def loss(outputs, batch, config):
   """The objective contract (`jmm.objectives`): outputs 'zimg', 'ztxt', 't', 'b' -> (loss, metrics).
 
-  config: this objective's section, `loss` ('sigmoid' | 'softmax') and `impl` (how across devices).
+  config: this objective's section, `loss` ('sigmoid' | 'softmax'), `impl` (how across devices) and
+  `hard_negatives` (also score each image against its own 'ztxt_neg', the model's embedding of 'text_neg').
   """
-  del batch  # Pairs are aligned by position; the batch carries nothing else the loss needs.
+  del batch  # Pairs are aligned by position; the model embedded 'text_neg' if the batch holds it.
   zimg, ztxt, t, b = outputs['zimg'], outputs['ztxt'], outputs['t'], outputs['b']
   name, impl = config.get('loss', 'sigmoid'), config.get('impl', 'dense')
   check_impl(name, impl)
+  hard_metrics = {}
+  if config.get('hard_negatives', False):
+    if 'ztxt_neg' not in outputs:
+      raise ValueError("hard_negatives=True but the model gave no 'ztxt_neg' (the batch lacks 'text_neg')")
+    zneg = outputs['ztxt_neg']
+    value = hard_negative_loss(zimg, ztxt, zneg, t, b, name)
+    # Share of images whose caption beats its hard negative.
+    hard_metrics = {'hard_neg_acc': jnp.mean(jnp.sum(zimg * ztxt, -1) > jnp.sum(zimg * zneg, -1))}
   axes = batch_axes()
   if impl != 'dense' and math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes) > 1:
     # Same metrics as below, from per-device blocks; in-batch accuracy counts a tie with the positive as a hit.
@@ -308,11 +348,12 @@ def loss(outputs, batch, config):
     metrics = {'t': t, 'b': b, 'sim_pos': stats['pos'] / n,
                'sim_neg': (stats['all'] - stats['pos']) / max(n * (n - 1), 1), 'batch_i2t_acc': stats['hits'] / n}
     return value, metrics
-  value = sigmoid_loss(zimg, ztxt, t, b) if name == 'sigmoid' else softmax_loss(zimg, ztxt, t)
+  if not hard_metrics:
+    value = sigmoid_loss(zimg, ztxt, t, b) if name == 'sigmoid' else softmax_loss(zimg, ztxt, t)
   sims = pairwise_logits(zimg, ztxt, 1.0)  # [batch, batch] cosine similarities.
   n = sims.shape[0]
   pos = jnp.trace(sims) / n
   neg = (jnp.sum(sims) - jnp.trace(sims)) / max(n * (n - 1), 1)
   in_batch_acc = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(n))
-  metrics = {'t': t, 'b': b, 'sim_pos': pos, 'sim_neg': neg, 'batch_i2t_acc': in_batch_acc}
+  metrics = {'t': t, 'b': b, 'sim_pos': pos, 'sim_neg': neg, 'batch_i2t_acc': in_batch_acc, **hard_metrics}
   return value, metrics
