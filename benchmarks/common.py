@@ -165,12 +165,22 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def _needs_text_neg(config) -> bool:
+  """Whether an objective of `config` reads hard-negative captions (the default tiny recipe's hard_negatives)."""
+  from jmm import objectives  # pylint: disable=g-import-not-at-top
+  return 'text_neg' in objectives.batch_fields(objectives.load(config))
+
+
 def synthetic_batch(config, batch_size: int, vocab_size: int, seed: int = 0) -> dict:
-  """A random batch shaped like the pipeline's: images float32 [B, res, res, 3], tokens int32 [B, text_len]."""
+  """A random batch shaped like the pipeline's: images float32 [B, res, res, 3], tokens int32 [B, text_len]
+  (and 'text_neg' like 'text' when an objective reads hard-negative captions)."""
   rng = np.random.default_rng(seed)
   res, text_len = config.data.resolution, config.data.text_len
-  return {'image': jnp.asarray(rng.uniform(-1, 1, size=(batch_size, res, res, 3)), jnp.float32),
-          'text': jnp.asarray(rng.integers(0, vocab_size, size=(batch_size, text_len)), jnp.int32)}
+  batch = {'image': jnp.asarray(rng.uniform(-1, 1, size=(batch_size, res, res, 3)), jnp.float32),
+           'text': jnp.asarray(rng.integers(0, vocab_size, size=(batch_size, text_len)), jnp.int32)}
+  if _needs_text_neg(config):
+    batch['text_neg'] = jnp.asarray(rng.integers(0, vocab_size, size=(batch_size, text_len)), jnp.int32)
+  return batch
 
 
 def _state(config, tx, params):
@@ -223,6 +233,8 @@ def lower_train_step(config, vocab_size: int, batch_size: int):
   model = model_build.make_model(config, vocab_size)
   spec = data_build.batch_spec(config, batch_size)
   params, _ = model_build.abstract_params(model, spec)
+  if _needs_text_neg(config):
+    spec['text_neg'] = spec['text']
   tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps)
   state = jax.eval_shape(lambda p: _state(config, tx, p), params)
   step = step_lib.make_train_step(model, tx, schedule, objectives.load(config))

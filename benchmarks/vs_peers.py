@@ -74,6 +74,7 @@ def jmm_config(size: dict, batch: int):
   tower = dict(width=size['width'], depth=size['depth'], mlp_dim=size['mlp_dim'], num_heads=size['num_heads'])
   config.model.image = dict(tower, patch_size=(size['patch'], size['patch']), pool_type='map', out_dim=0)
   config.model.text = dict(tower, pool_type='last')
+  config.objectives.sigmoid.hard_negatives = False  # The peers compute plain SigLIP.
   config.model.out_dim = size['width']
   config.data.text_len = size['text_len']
   config.dtype = 'float32'

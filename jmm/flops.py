@@ -65,7 +65,8 @@ def model_flops(config, batch_size: int | None = None) -> dict:
 
   Returns a dict: 'image_forward', 'text_forward', 'loss_forward' (per batch), 'forward' (their sum),
   'train_step' (forward + backward, see the module docstring) and 'per_example_forward'. The loss counts the
-  [batch, batch] logits matmul of the sigmoid / softmax loss.
+  [batch, batch] logits matmul of the sigmoid / softmax loss; a contrastive objective with hard_negatives runs
+  the text tower on twice the texts and scores [batch, 2 batch] logits.
   """
   batch = batch_size or config.batch_size
   m = config.model
@@ -78,8 +79,10 @@ def model_flops(config, batch_size: int | None = None) -> dict:
   img_parts = tower_flops({**img, 'pool_type': img.get('pool_type', 'map')}, img_tokens, ph * pw * 3)
   txt_parts = tower_flops({**txt, 'pool_type': txt.get('pool_type', 'last')}, text_len)
   out_img = img.get('out_dim') or img['width']
-  loss = 2 * batch * batch * out_img
-  image_fwd, text_fwd = batch * sum(img_parts.values()), batch * sum(txt_parts.values())
+  objectives = config.get('objectives') or {}
+  texts = 2 if any(o.get('hard_negatives', False) for o in objectives.values() if hasattr(o, 'get')) else 1
+  loss = 2 * batch * texts * batch * out_img
+  image_fwd, text_fwd = batch * sum(img_parts.values()), texts * batch * sum(txt_parts.values())
   forward = image_fwd + text_fwd + loss
   # Backward = 2x forward, less the patch embedding's input gradient (images are not differentiated).
   train_step = 3 * forward - batch * img_parts['embed']

@@ -68,6 +68,8 @@ def test_validate_names_the_bad_field():
       ('max_nonfinite_steps', 0, 'config.max_nonfinite_steps'),
       ('data.resolution', 50, 'not divisible by the patch size'),
       ('data.name', 'parquet9', 'config.data.name'),
+      ('data.negative_captions', 'colour', 'config.data.negative_captions'),
+      ('data.short_caption_prob', 1.5, 'config.data.short_caption_prob'),
       ('model.name', 'nonexistent', "unknown models name 'nonexistent'"),
       ('evals.zeroshot.type', 'nonexistent', "unknown evaluators name 'nonexistent'"),
       ('evals.zeroshot.every', -5, 'config.evals.zeroshot.every'),
@@ -81,6 +83,20 @@ def test_validate_names_the_bad_field():
       node[last] = value
     with pytest.raises(ConfigError, match=pattern):
       validation.validate(config)
+
+
+def test_caption_augmentations_are_synthetic_only_and_hard_negatives_dense_only():
+  config = _load('siglip')
+  config.data.negative_captions = 'shape'
+  config.objectives.sigmoid.hard_negatives = True
+  validation.validate(config)
+  config.objectives.sigmoid.impl = 'ring'
+  with pytest.raises(ConfigError, match="hard_negatives=True needs impl='dense'"):
+    validation.validate(config)
+  config.objectives.sigmoid.impl = 'dense'
+  config.data.name = 'webdataset'
+  with pytest.raises(ConfigError, match=r'synthetic-data caption augmentations.*configs/siglip.py:data=webdataset'):
+    validation.validate(config)
 
 
 def test_old_loss_fields_get_a_pointer_to_objectives():

@@ -290,7 +290,7 @@ def test_transform_modes_and_value_range():
 
 def _config(**data):
   from configs import siglip  # pylint: disable=g-import-not-at-top
-  config = siglip.get_config('res=16,batch=8')
+  config = siglip.get_config(f"res=16,batch=8,data={data.get('name', 'synthetic')}")
   config.data.update(data)
   return config
 

@@ -40,8 +40,10 @@ def _small_config():
   return config
 
 
-def test_analytic_matches_xla_cost_analysis_small():
+@pytest.mark.parametrize('hard_negatives', [False, True])
+def test_analytic_matches_xla_cost_analysis_small(hard_negatives):
   config = _small_config()
+  config.objectives.sigmoid.hard_negatives = hard_negatives  # The text tower on 2B texts, [B, 2B] logits.
   lowered = common.lower_train_step(config, vocab_size=128, batch_size=8)
   xla = flops.xla_flops(lowered.compile())
   analytic = flops.model_flops(config)['train_step']

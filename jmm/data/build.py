@@ -26,6 +26,16 @@ def validate(config) -> None:
   prob = data.get('short_caption_prob', 0.0)
   if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
     raise ConfigError(f'config.data.short_caption_prob must be a number in [0, 1], got {prob!r}')
+  negatives = data.get('negative_captions', '')
+  swaps = [a.strip() for a in negatives.split(',') if a.strip()] if isinstance(negatives, str) else None
+  if swaps is None or not set(swaps) <= set(synthetic.NEGATIVE_SWAPS):
+    raise ConfigError(f'config.data.negative_captions must be a comma-separated subset of '
+                      f'{list(synthetic.NEGATIVE_SWAPS)} (or empty), got {negatives!r}')
+  if (swaps or prob) and data.name != 'synthetic':
+    raise ConfigError(
+        f'config.data.negative_captions={negatives!r} / short_caption_prob={prob} are synthetic-data caption '
+        f'augmentations, but data.name={data.name!r}: name the data in the config argument '
+        f'(configs/siglip.py:data={data.name}), which leaves them off, or set both off')
   if data.name != 'synthetic':
     from jmm.data import mixture  # pylint: disable=g-import-not-at-top  (file sources only when asked for)
     try:
