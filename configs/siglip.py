@@ -1,6 +1,6 @@
 """SigLIP two-tower training (sigmoid loss, Zhai et al. 2023).
 
-Default: a tiny model on the embedded synthetic data set, about 8 minutes on a 2-core CPU:
+Default: a tiny model on the embedded synthetic data set, about 6 minutes on a 2-core CPU:
 
   python -m jmm.main --config=configs/siglip.py --workdir=/tmp/siglip
 

@@ -80,7 +80,7 @@ def base_config(arg) -> ml_collections.ConfigDict:
   # with capacity_factor=0, emulated on CPU). Its auxiliary losses are the 'moe' objective (configs/clip_up.py).
   c.model.moe = {k: v for k, v in moe.DEFAULTS.items() if k not in ('aux_loss_weight', 'z_loss_weight')}
   # lr: 1e-3 beat 2e-3 and 3e-3 clearly (zero-shot 67% vs 35% and 18% at ~500 steps), and 5e-4 (61%).
-  # wd (AdamW's, multiplied by the lr): 0.1 gave 81.7% zero-shot against 78.0% with 1e-4 on the default run.
+  # wd (AdamW's, multiplied by the lr): 0.1 gave 81.7% zero-shot against 78.0% with 1e-4 (single runs, 2026-11-24).
   c.optim = dict(name='adamw', lr=1e-3, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100,
                  schedule='cosine', min_lr_ratio=0.0, clip_norm=1.0, frozen=())
   c.checkpoint = dict(every=500, keep=2)
