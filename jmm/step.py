@@ -92,13 +92,15 @@ def make_train_step(model, tx, schedule, terms, *, max_nonfinite_steps: int = 10
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    # The guard: a non-finite step keeps the old params and moments (a select, no branch: no host sync).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    params = jax.tree.map(keep, params, state['params'])
-    opt_state = jax.tree.map(keep, opt_state, state['opt_state'])
+
+    def apply(_):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+      return optax.apply_updates(state['params'], updates), opt_state
+
+    # The guard: a non-finite step keeps the old params and moments. A branch, not a per-leaf select: selects
+    # keep the old and new state alive together and cost the CPU S/16 step about 10% (benchmarks/NOTES.md).
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state['params'], state['opt_state']), None)
     bad = 1 - finite.astype(jnp.int32)
     skipped, in_a_row, stop = state['nonfinite'][SKIPPED], state['nonfinite'][IN_A_ROW], state['nonfinite'][STOP]
     in_a_row = (in_a_row + 1) * bad
