@@ -332,8 +332,8 @@ def loss(outputs, batch, config):
   zimg, ztxt, t, b = outputs['zimg'], outputs['ztxt'], outputs['t'], outputs['b']
   name, impl = config.get('loss', 'sigmoid'), config.get('impl', 'dense')
   check_impl(name, impl)
-  hard_metrics = {}
-  if config.get('hard_negatives', False):
+  hard, hard_metrics = config.get('hard_negatives', False), {}
+  if hard:
     if 'ztxt_neg' not in outputs:
       raise ValueError("hard_negatives=True but the model gave no 'ztxt_neg' (the batch lacks 'text_neg')")
     zneg = outputs['ztxt_neg']
@@ -348,7 +348,7 @@ def loss(outputs, batch, config):
     metrics = {'t': t, 'b': b, 'sim_pos': stats['pos'] / n,
                'sim_neg': (stats['all'] - stats['pos']) / max(n * (n - 1), 1), 'batch_i2t_acc': stats['hits'] / n}
     return value, metrics
-  if not hard_metrics:
+  if not hard:
     value = sigmoid_loss(zimg, ztxt, t, b) if name == 'sigmoid' else softmax_loss(zimg, ztxt, t)
   sims = pairwise_logits(zimg, ztxt, 1.0)  # [batch, batch] cosine similarities.
   n = sims.shape[0]
