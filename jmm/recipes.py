@@ -85,6 +85,9 @@ def base_config(arg) -> ml_collections.ConfigDict:
                  schedule='cosine', min_lr_ratio=0.0, clip_norm=1.0, frozen=())
   c.checkpoint = dict(every=500, keep=2)
   c.checkpoint['async'] = True
+  # Resuming checks the workdir's config.json against this config (model, objectives, optim, data, seeds...)
+  # and refuses a mismatch; False resumes anyway.
+  c.resume_check = True
   # Initial parameters (a fresh run only): a jmm workdir, or a .npz from `python -m jmm.convert.import_weights`.
   c.init_from = ''
 

@@ -57,8 +57,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   axis_rules = parallel.rules(config, mesh)
   workdir = ensure_workdir(workdir)
   is_main = jax.process_index() == 0
+  ck = config.checkpoint
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=ck.keep, every=ck.every, use_async=ck.get('async', True))
+  start_step = checkpointer.latest_step() or 0
+  config_path = os.path.join(workdir, 'config.json')
+  if start_step and os.path.isfile(config_path):
+    with open(config_path) as f:
+      saved = json.load(f)
+    if config.get('resume_check', True):
+      try:
+        validation.check_resume(saved, config)
+      except Exception:
+        checkpointer.close()
+        raise
+    if saved.get('total_steps') != total_steps:
+      print(f'total_steps: {saved.get("total_steps")} -> {total_steps} (the schedule follows the new value)',
+            flush=True)
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(config_path, 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   print(f'mesh: {parallel.describe(mesh)}', flush=True)
   print('objectives: ' + ', '.join(f'{t.name} ({t.module.__name__.removeprefix("jmm.objectives.")}) x {t.weight:g}'
@@ -72,9 +88,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Model and state, created sharded on the mesh. -----
   model = model_build.make_model(config, tokenizer.vocab_size)
   spec = data_build.batch_spec(config)
-  ck = config.checkpoint
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=ck.keep, every=ck.every, use_async=ck.get('async', True))
-  start_step = checkpointer.latest_step() or 0
   init = None
   if config.get('init_from') and not start_step:  # A jmm workdir or converted weights (jmm.convert).
     from jmm import convert  # pylint: disable=g-import-not-at-top

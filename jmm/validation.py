@@ -6,6 +6,8 @@ named model's `validate`), `config.optim` (`jmm.optim`), `config.objectives` (ea
 """
 from __future__ import annotations
 
+import json
+
 from jmm import config as config_lib
 from jmm import objectives as objectives_lib
 from jmm import optim
@@ -30,3 +32,37 @@ def validate(config) -> list:
                       "config.objectives.moe = dict(type='moe', weight=1.0) (weight 0 turns them off)")
   objectives_lib.check_batch_fields(terms, data_build.batch_fields(config))
   return terms
+
+
+# What a resumed run must share with the run that wrote the checkpoint: anything that changes the numerics of the
+# step or the data stream. total_steps may change (extending a run), as may the mesh, evaluators, checkpointing
+# and the data's throughput knobs and locations.
+_RESUME_FIELDS = ('seed', 'batch_size', 'dtype', 'model', 'objectives', 'optim', 'tokenizer', 'data', 'init_from')
+_RESUME_FREE_DATA = ('paths', 'data_dir', 'index_cache', 'worker_count', 'num_threads', 'prefetch',
+                     'max_consecutive_bad')
+
+
+def _differences(saved, current, path: str, out: list[str]) -> None:
+  if isinstance(saved, dict) and isinstance(current, dict):
+    for key in sorted(set(saved) | set(current)):
+      if path == 'data' and key in _RESUME_FREE_DATA:
+        continue
+      _differences(saved.get(key), current.get(key), f'{path}.{key}', out)
+  elif saved != current:
+    out.append(f'{path}: {saved!r} -> {current!r}')
+
+
+def check_resume(saved: dict, config) -> None:
+  """Raises ConfigError when `config` would resume a checkpoint written under a different recipe.
+
+  `saved` is the workdir's config.json (the config of the run that wrote the checkpoint). Without this check a
+  changed config, or a reused workdir, silently continues the old run under new settings.
+  """
+  current = json.loads(config.to_json_best_effort())
+  diffs: list[str] = []
+  for key in _RESUME_FIELDS:
+    _differences(saved.get(key), current.get(key), key, diffs)
+  if diffs:
+    shown = '; '.join(diffs[:5]) + (f'; and {len(diffs) - 5} more' if len(diffs) > 5 else '')
+    raise ConfigError(f'the workdir holds a checkpoint of a run with another config ({shown}). Use a fresh '
+                      '--workdir, or resume anyway with --config.resume_check=False')

@@ -115,6 +115,28 @@ def test_resume_draws_the_same_per_step_keys(tmp_path):
   assert [m['loss'] for m in a] == [m['loss'] for m in b]
 
 
+def test_resume_refuses_a_changed_recipe(tmp_path):
+  """A workdir holding another recipe's checkpoint is an error naming the field, not a silent stale resume."""
+  workdir = str(tmp_path / 'w')
+  train.run(_config(steps=2), workdir)
+  changed = _config(steps=4)
+  changed.data.seed = 3
+  changed.optim.lr = 5e-4
+  with pytest.raises(errors.ConfigError, match='resume_check=False') as error:
+    train.run(changed, workdir)
+  assert 'optim.lr: 0.001 -> 0.0005' in str(error.value) and 'data.seed: 0 -> 3' in str(error.value)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['data']['seed'] == 0  # The record of what wrote the checkpoint is kept.
+  assert max(m['step'] for m in _metrics(workdir)) == 2
+  # Longer training, other throughput knobs and evaluators are fine; resume_check=False overrides the rest.
+  longer = _config(steps=3)
+  longer.data.prefetch = 4
+  train.run(longer, workdir)
+  changed.resume_check = False
+  train.run(changed, workdir)
+  assert max(m['step'] for m in _metrics(workdir)) == 4
+
+
 def _tiny_state(config):
   model = model_build.make_model(config, vocab_size=128)
   params, _ = model_build.init_params(model, data_build.batch_spec(config), 0)

@@ -27,10 +27,10 @@ def validate(config) -> None:
   if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
     raise ConfigError(f'config.data.short_caption_prob must be a number in [0, 1], got {prob!r}')
   negatives = data.get('negative_captions', '')
-  swaps = [a.strip() for a in negatives.split(',') if a.strip()] if isinstance(negatives, str) else None
-  if swaps is None or not set(swaps) <= set(synthetic.NEGATIVE_SWAPS):
-    raise ConfigError(f'config.data.negative_captions must be a comma-separated subset of '
-                      f'{list(synthetic.NEGATIVE_SWAPS)} (or empty), got {negatives!r}')
+  try:
+    swaps = synthetic.parse_swaps(negatives)
+  except ValueError as e:
+    raise ConfigError(f'config.data.{e}') from None
   if (swaps or prob) and data.name != 'synthetic':
     raise ConfigError(
         f'config.data.negative_captions={negatives!r} / short_caption_prob={prob} are synthetic-data caption '

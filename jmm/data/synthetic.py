@@ -157,6 +157,15 @@ def _extents(shape: str, s: float, angle: float) -> tuple[float, float, float, f
   return min(xs), max(xs), min(ys), max(ys)
 
 
+def parse_swaps(value) -> tuple[str, ...]:
+  """'shape,position' (or a sequence of names) -> ('shape', 'position'); ValueError for anything else."""
+  swaps = tuple(a.strip() for a in value.split(',') if a.strip()) if isinstance(value, str) else value
+  if not isinstance(swaps, (tuple, list)) or not set(swaps) <= set(NEGATIVE_SWAPS):
+    raise ValueError(f'negative_captions={value!r}: expected a comma-separated subset of {list(NEGATIVE_SWAPS)} '
+                     '(or empty)')
+  return tuple(swaps)
+
+
 class SyntheticCaptions:
   """Coloured shapes with attribute captions: a deterministic, picklable Grain random-access data source.
 
@@ -191,11 +200,7 @@ class SyntheticCaptions:
     if not 0.0 <= short_caption_prob <= 1.0:
       raise ValueError(f'short_caption_prob={short_caption_prob}: must be in [0, 1]')
     self.short_caption_prob = float(short_caption_prob)
-    if isinstance(negative_captions, str):
-      negative_captions = tuple(a.strip() for a in negative_captions.split(',') if a.strip())
-    self.negative_captions = tuple(negative_captions)
-    if not set(self.negative_captions) <= set(NEGATIVE_SWAPS):
-      raise ValueError(f'negative_captions={negative_captions!r}: expected attributes among {NEGATIVE_SWAPS}')
+    self.negative_captions = parse_swaps(negative_captions)
     self.split = split
     self.resolution = int(resolution)
     self.num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else int(num_examples)
