@@ -18,5 +18,9 @@ def get_config(arg=None):
   arg = parse_arg(arg, img='tiny', txt='tiny', res=48, data='synthetic', batch=64, steps=2000)
   config = recipes.base_config(arg)
   # impl: how the loss is computed across devices, dense | ring | bidir | gather (jmm/objectives/contrastive.py).
-  config.objectives = dict(sigmoid=recipes.contrastive('sigmoid', impl='dense'))
+  # On the embedded data, each caption also comes with a hard negative (its shape swapped) that the loss scores
+  # against every image (NegCLIP): without it some seeds never learn shape (benchmarks/NOTES.md 2026-12-03).
+  synthetic = arg.data == 'synthetic'
+  config.data.negative_captions = 'shape' if synthetic else ''
+  config.objectives = dict(sigmoid=recipes.contrastive('sigmoid', impl='dense', hard_negatives=synthetic))
   return config
