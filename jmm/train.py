@@ -61,9 +61,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=ck.keep, every=ck.every, use_async=ck.get('async', True))
   start_step = checkpointer.latest_step() or 0
   config_path = os.path.join(workdir, 'config.json')
+  saved = None
   if start_step and os.path.isfile(config_path):
     with open(config_path) as f:
       saved = json.load(f)
+  if jax.process_count() > 1:  # Every process reads the old config.json before process 0 replaces it.
+    multihost_utils.sync_global_devices('config.json read')
+  if saved is not None:
     if config.get('resume_check', True):
       try:
         validation.check_resume(saved, config)
@@ -73,9 +77,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if saved.get('total_steps') != total_steps:
       print(f'total_steps: {saved.get("total_steps")} -> {total_steps} (the schedule follows the new value)',
             flush=True)
-  if is_main:
-    with open(config_path, 'w') as f:
+  if is_main:  # Written whole, then renamed: a reader never sees half a file.
+    with open(config_path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(config_path + '.tmp', config_path)
   print(f'mesh: {parallel.describe(mesh)}', flush=True)
   print('objectives: ' + ', '.join(f'{t.name} ({t.module.__name__.removeprefix("jmm.objectives.")}) x {t.weight:g}'
                                    for t in terms), flush=True)

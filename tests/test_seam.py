@@ -34,8 +34,9 @@ def _config(steps=4, **objectives):
   config.checkpoint.every = 2
   config.checkpoint['async'] = False
   config.evals = {}
-  if objectives:
-    config.objectives = objectives
+  # Plain SigLIP: the hand-made batches below carry no hard-negative captions.
+  config.data.negative_captions = ''
+  config.objectives = objectives or dict(sigmoid=recipes.contrastive('sigmoid'))
   return config
 
 

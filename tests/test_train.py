@@ -108,8 +108,12 @@ def test_training_learns_and_writes_final_metrics(tmp_path):
     again = json.load(f)
   assert again['zeroshot/top1'] == pytest.approx(final['zeroshot/top1'], abs=1e-6), ev.stdout
 
-  # A restart with another model shape in the same workdir is refused with a clear message.
+  # A restart with another model shape in the same workdir is refused with a clear message: first by the config
+  # check, and with that overridden, by the checkpoint's shapes.
   proc = _cli(workdir, '--config.total_steps=80', '--config.model.image.width=48')
+  assert proc.returncode != 0
+  assert 'model.image.width: 32 -> 48' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = _cli(workdir, '--config.total_steps=80', '--config.model.image.width=48', '--config.resume_check=False')
   assert proc.returncode != 0
   assert 'different model shape' in proc.stderr and 'params/img/' in proc.stderr
 
