@@ -36,22 +36,47 @@ def encode_record(image: bytes, caption: str, key: str | None = None) -> bytes:
   return msgpack.packb(record, use_bin_type=True)
 
 
-def decode_record(data: bytes, image_key: str = 'image', caption_key: str = 'caption') -> dict:
-  """msgpack record bytes -> {'image': bytes, 'caption': str}; raises BadRecord naming what is wrong."""
+def unpack_record(data: bytes) -> dict:
+  """msgpack record bytes -> the whole map (image, caption and any other keys); raises BadRecord if it is not one."""
   try:
     record = msgpack.unpackb(data, raw=False)
   except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
     raise BadRecord(f'record is not msgpack: {type(e).__name__}: {e}') from None
   if not isinstance(record, dict):
-    raise BadRecord(f'record is a {type(record).__name__}, expected a map with {image_key!r}, {caption_key!r}')
-  image, caption = record.get(image_key), record.get(caption_key)
+    raise BadRecord(f'record is a {type(record).__name__}, expected a msgpack map')
+  return record
+
+
+def decode_record(data: bytes, image_key: str = 'image', caption_key: str = 'caption') -> dict:
+  """msgpack record bytes -> {'image': bytes, 'caption': str}; raises BadRecord naming what is wrong."""
+  return _example(unpack_record(data), image_key, caption_key)
+
+
+def _image(record: dict, image_key: str) -> bytes:
+  image = record.get(image_key)
   if not isinstance(image, bytes) or not image:
     raise BadRecord(f'record has no {image_key!r} bytes (keys: {sorted(record)})')
+  return image
+
+
+def _example(record: dict, image_key: str, caption_key: str) -> dict:
+  image, caption = _image(record, image_key), record.get(caption_key)
   if isinstance(caption, bytes):
     caption = caption.decode('utf-8', 'replace')
   if not isinstance(caption, str) or not caption.strip():
     raise BadRecord(f'record has no {caption_key!r} text (keys: {sorted(record)})')
   return {'image': image, 'caption': caption.strip()}
+
+
+def lookup(record: dict, key: str):
+  """record[key], with '/' for nested maps ('captions/text'); raises BadRecord naming the key when absent."""
+  value = record
+  for part in key.split('/'):
+    if not isinstance(value, dict) or part not in value:
+      have = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise BadRecord(f'record has no {key!r} (at {part!r}; has {have})')
+    value = value[part]
+  return value
 
 
 def write_records(path: str, records) -> int:
@@ -117,6 +142,17 @@ class ArrayRecordSource:
 
   def __getitem__(self, index: int) -> dict:
     return decode_record(self._raw(int(index)), self.image_key, self.caption_key)
+
+  def read(self, index: int, keys: Sequence[str] = (), caption: bool = True) -> tuple[dict, dict]:
+    """(source[index], {key: raw value}) for other keys of the record's map ('a/b': key b of the map under a),
+    such as a class label or a list of captions; BadRecord when a key is absent. caption=False: the example
+    holds the image only, and a record without a caption is not bad (classification sets)."""
+    record = unpack_record(self._raw(int(index)))
+    if caption:
+      example = _example(record, self.image_key, self.caption_key)
+    else:
+      example = {'image': _image(record, self.image_key)}
+    return example, {k: lookup(record, k) for k in keys}
 
   def captions(self, n: int) -> list[str]:
     """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on."""

@@ -106,9 +106,11 @@ def make_sources(data, split: str = 'train'):
 
 
 def make_transform(data) -> transforms.ImageTransform:
-  """The image transform of a `config.data` block: resolution, mode ('resize' unless set), crop scale."""
+  """The image transform of a `config.data` block: resolution, mode ('resize' unless set), crop scale, draft
+  (JPEG reduced-scale decoding; default on)."""
   return transforms.ImageTransform(data.resolution, mode=data.get('transform', 'resize') or 'resize',
-                                   crop_scale=tuple(data.get('crop_scale', (0.9, 1.0))))
+                                   crop_scale=tuple(data.get('crop_scale', (0.9, 1.0))),
+                                   draft=bool(data.get('draft', True)))
 
 
 def validate_data(data) -> None:

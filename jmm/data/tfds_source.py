@@ -9,7 +9,7 @@ first element taken when a caption feature holds several (COCO-style lists).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -74,17 +74,25 @@ class TfdsSource:
     return f'TfdsSource({self.tfds_name!r}, split={self.split!r}, {len(self)} examples)'
 
   def __getitem__(self, index: int) -> dict:
+    return self.read(index)[0]
+
+  def read(self, index: int, keys: Sequence[str] = (), caption: bool = True) -> tuple[dict, dict]:
+    """(source[index], {key: raw value}) for other features of the same example ('label', 'captions/text'),
+    from one read and decode of it; BadRecord when a feature is absent. caption=False: the example holds the
+    image only (classification sets such as imagenet2012 have no caption feature)."""
     try:
       example = self._source[int(index)]
     except (OSError, ValueError, RuntimeError) as e:
       raise BadRecord(f'{self.tfds_name}[{index}]: cannot read: {type(e).__name__}: {e}') from None
     image = _lookup(example, self.image_key)
-    caption = _as_text(_lookup(example, self.caption_key))
-    if not caption:
-      raise BadRecord(f'{self.tfds_name}[{index}]: empty {self.caption_key!r}')
     if isinstance(image, np.ndarray) and image.dtype == object:
       image = image.item()  # Encoded bytes (SkipDecoding) arrive as a 0-d object array.
-    return {'image': image, 'caption': caption}
+    out = {'image': image}
+    if caption:
+      out['caption'] = _as_text(_lookup(example, self.caption_key))
+      if not out['caption']:
+        raise BadRecord(f'{self.tfds_name}[{index}]: empty {self.caption_key!r}')
+    return out, {k: _lookup(example, k) for k in keys}
 
   def captions(self, n: int) -> list[str]:
     """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on."""

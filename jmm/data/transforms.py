@@ -101,7 +101,10 @@ def random_crop_box(width: int, height: int, rng: np.random.Generator,
 class ImageTransform:
   """Picklable callable: (encoded image, rng) -> uint8 [resolution, resolution, 3]; see the module docstring."""
 
-  def __init__(self, resolution: int, mode: str = 'resize', crop_scale: Sequence[float] = (0.9, 1.0)):
+  def __init__(self, resolution: int, mode: str = 'resize', crop_scale: Sequence[float] = (0.9, 1.0),
+               draft: bool = True):
+    """draft: let JPEGs decode at a reduced scale first in the deterministic modes (faster; the pixels differ
+    slightly from a full decode). Evaluation turns it off to see the pixels a peer's preprocessing sees."""
     if mode not in MODES:
       raise ValueError(f'image transform mode {mode!r} is not one of {list(MODES)}')
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
@@ -109,17 +112,18 @@ class ImageTransform:
     self.resolution = int(resolution)
     self.mode = mode
     self.crop_scale = tuple(float(s) for s in crop_scale)
+    self.draft = bool(draft)
 
   def __call__(self, data, rng: np.random.Generator | None = None) -> np.ndarray:
     res = self.resolution
     # A random crop may be small, so only the deterministic modes decode at reduced scale.
-    image = decode_image(data, draft=None if self.mode == 'random_resized_crop' else (res, res))
+    image = decode_image(data, draft=None if self.mode == 'random_resized_crop' or not self.draft else (res, res))
     width, height = image.size
     if self.mode == 'resize':
       image = _resize(image, (res, res))
     elif self.mode == 'resize_crop':
-      s = res / min(width, height)
-      size = (max(res, int(round(width * s))), max(res, int(round(height * s))))
+      # The longer side truncated, as torchvision's Resize, OpenAI's CLIP and HF's CLIPImageProcessor do.
+      size = (res, int(res * height / width)) if width <= height else (int(res * width / height), res)
       image = _resize(image, size)
       left, top = (size[0] - res) // 2, (size[1] - res) // 2
       image = image.crop((left, top, left + res, top + res))

@@ -14,28 +14,37 @@ patterns at most); its messages start with the field's path inside the eval sect
 'templates[1]=...'), after `prefix` if given (`validate(config, prefix='config.evals.zeroshot.')`).
 
 Every eval reads its data from `data`, a dict shaped like `config.data` (`common.data_with_defaults`):
-  name          'synthetic' | 'webdataset' | 'array_record' | 'tfds'
+  name          'synthetic' | 'webdataset' | 'array_record' | 'tfds' | 'folder' | 'captions_file'
   split         'test'
   num_examples  2000 for the synthetic data; all examples of a file source
   resolution    32; images are resized to it ('transform': 'resize' or 'resize_crop')
   synthetic:    seed (0), max_objects (1)
-  file sources: paths, image_key, caption_key, tfds_name, data_dir, index_cache, as in `config.data`
+  file sources: paths, image_key, caption_key, tfds_name, data_dir, index_cache, as in `config.data`;
+                captions_key: where an example keeps a list of captions ('json/captions', 'captions/text')
+  folder:       path: ROOT/CLASS/IMAGE; label = index of CLASS among the sorted sub-folder names
+  captions_file: path: a .csv (one row per caption) or .jsonl ({"image": ..., "captions": [...]}); image_key,
+                caption_key, image_root (default: the file's folder)
 File sources hold image + caption; an integer label is read from `label_key` of the same example (a
-WebDataset member such as KEY.cls, a key of the ArrayRecord msgpack map, a TFDS feature).
+WebDataset member such as KEY.cls, a key of the ArrayRecord msgpack map, a TFDS feature, a captions_file
+column); see `file_data`.
 Plus, per eval: batch_size (256) and text_len (16).
 
   zeroshot            generic: class_names (a list or a text file, one per line; label i is class_names[i]; may
-                      be left unset only on data that names its classes itself, i.e. the synthetic data),
+                      be left unset only on data that names its classes itself: the synthetic data, a folder),
                       templates (a list or a text file, one per line, each with exactly one '{}'; default
-                      ('{}', 'a photo of a {}.')), label_key ('label'), ks ((1, 5)) -> top1, top5.
+                      ('{}', 'a photo of a {}.')), label_key ('label'), ks ((1, 5)) -> top1, top5. Shipped lists
+                      by name (assets/): class_names='imagenet', templates='clip80' | 'clip_short'.
   synthetic_zeroshot  zero-shot on the synthetic data (data defaults to its 'test' split) with its 48 class
                       names and caption-language template ensemble (templates overridable) -> top1, top1_seen,
                       top1_unseen, colour_top1, shape_top1.
-  retrieval           caption_key (overrides data.caption_key), ks ((1, 5, 10)); one caption per image
-                      -> i2t_r{k}, t2i_r{k}.
+  retrieval           caption_key / captions_key (override data's), ks ((1, 5, 10)); one caption per image, or
+                      every caption of each image when the data has caption lists -> i2t_r{k}, t2i_r{k}.
   linear_probe        train_data (a data dict; default: data with split='train' and num_examples=train_examples
                       (2000); required for webdataset / array_record, whose split picks no files), label_key
                       ('label'), num_classes (the data's own class count, else max label + 1), l2 (None: chosen
                       from l2_grid on holdout_fraction (0.2) of the training examples, drawn with seed
                       (train_data.seed)) -> top1.
+  fewshot             big_vision's few-shot probe: train_data / label_key / num_classes as linear_probe, shots
+                      ((1, 5, 10, 25) images per class, drawn with seed (0), num_seeds (1) draws averaged),
+                      l2_reg (2**10, fixed) -> 1shot, 5shot, 10shot, 25shot.
 """

@@ -5,10 +5,10 @@ Evaluators see the model only through two callables:
 L2-normalised. Everything here is host-side numpy: evaluation sets are small (thousands of examples).
 
 An eval's data is a dict shaped like `config.data` (see `data_with_defaults`): the synthetic data set, rendered
-in memory, or a file source (webdataset / array_record / tfds) built by `jmm.data.build.make_source`, decoded
-and resized to `resolution` here. File sources yield image + caption only; an integer class label is read by
-this module from the same example (`label_key`: a WebDataset member extension, an ArrayRecord msgpack key or a
-TFDS feature). `validate_data` checks such a dict and raises ConfigError naming the field.
+in memory, or a file source (webdataset / array_record / tfds, and the evaluation-only folder / captions_file),
+decoded and resized to `resolution` by `jmm.evaluators.file_data`, which also reads integer class labels
+(`label_key`) and lists of captions (`captions_key`) from the same examples. `validate_data` checks such a dict
+and raises ConfigError naming the field.
 """
 from __future__ import annotations
 
@@ -151,8 +151,9 @@ def synthetic_classes() -> tuple[list[str], int]:
 # ----------------------------------------------------------------------------------------------------------
 # Eval data from a config: a dict shaped like `config.data`.
 # ----------------------------------------------------------------------------------------------------------
-DATA_NAMES = ('synthetic', 'webdataset', 'array_record', 'tfds')
+DATA_NAMES = ('synthetic', 'webdataset', 'array_record', 'tfds', 'folder', 'captions_file')
 FILE_DATA_NAMES = DATA_NAMES[1:]
+LISTING_NAMES = ('folder', 'captions_file')  # Evaluation-only file sources, named by `path` (one directory / file).
 EVAL_TRANSFORMS = ('resize', 'resize_crop')  # Deterministic: an eval set must be the same at every eval step.
 SYNTHETIC_NUM_EXAMPLES = 2000  # Default num_examples of the synthetic data; file sources default to all.
 DATA_DEFAULTS = dict(split='test', num_examples=None, resolution=32, seed=0, max_objects=1)
@@ -171,8 +172,8 @@ def data_with_defaults(data, **overrides) -> dict[str, Any]:
   """An eval's data dict (ConfigDict or dict) with `overrides` applied and defaults filled in.
 
   Defaults: split 'test', resolution 32, seed 0, max_objects 1 and num_examples 2000 for the synthetic data
-  (all examples of a file source); None counts as unset. Other fields (paths, image_key, caption_key,
-  tfds_name, data_dir, transform, index_cache...) pass through to the source.
+  (all examples of a file source); None counts as unset. Other fields (paths, path, image_key, caption_key,
+  captions_key, image_root, tfds_name, data_dir, transform, index_cache...) pass through to the source.
   """
   out = {k: v for k, v in as_dict(data).items() if v is not None}
   out.update({k: v for k, v in overrides.items() if v is not None})
@@ -205,6 +206,15 @@ def validate_data(data, field: str = 'data', prefix: str = '') -> None:
       raise ConfigError(f'{where}.{key} must be a positive integer, got {value!r}')
   if not isinstance(data['split'], str) or not data['split']:
     raise ConfigError(f'{where}.split must be a split name like "test", got {data["split"]!r}')
+  captions_key = data.get('captions_key')
+  if captions_key is not None:
+    if name in ('synthetic', 'folder', 'captions_file'):
+      raise ConfigError(f'{where}.captions_key={captions_key!r} is set, but data.name={name!r} takes none ('
+                        + ('its captions come from caption_key)' if name == 'captions_file' else
+                           'it has no caption lists)'))
+    if not isinstance(captions_key, str) or not captions_key.strip('/'):
+      raise ConfigError(f'{where}.captions_key must be a non-empty string (a member, key or feature holding a '
+                        f'list of captions), got {captions_key!r}')
   if name == 'synthetic':
     from jmm.data import synthetic  # pylint: disable=g-import-not-at-top
     if data['split'] not in synthetic.SPLITS:
@@ -225,6 +235,9 @@ def validate_data(data, field: str = 'data', prefix: str = '') -> None:
     if not data.get('tfds_name'):
       raise ConfigError(f'{where}.tfds_name is empty: data.name="tfds" needs a prepared TFDS data set name')
     return
+  if name in LISTING_NAMES:
+    _validate_listing(data, where)
+    return
   if not data.get('paths'):
     raise ConfigError(f'{where}.paths is empty: data.name={name!r} needs shard paths or patterns')
   from jmm.data import webdataset  # pylint: disable=g-import-not-at-top
@@ -232,6 +245,31 @@ def validate_data(data, field: str = 'data', prefix: str = '') -> None:
     webdataset.expand_paths(data['paths'], 'data.paths')
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e).replace('config.data.paths', f'{where}.paths')) from None
+
+
+def _validate_listing(data: dict, where: str) -> None:
+  """A folder's class sub-folders (one listing) or a captions file's columns (its header), by `where`.path."""
+  from jmm.data import captions_file, folder  # pylint: disable=g-import-not-at-top
+  name, path = data['name'], data.get('path')
+  if not path or not isinstance(path, (str, os.PathLike)):
+    what = ('a directory with one sub-folder of images per class' if name == 'folder' else
+            'a .csv (header row; one row per caption) or .jsonl ({"image": ..., "captions": [...]}) file')
+    hint = ' (data.paths is for shard sources)' if data.get('paths') else ''
+    raise ConfigError(f'{where}.path is empty: data.name={name!r} needs {what}{hint}')
+  path = str(path)
+  try:
+    if name == 'folder':
+      folder.class_names(path, f'{where}.path')
+      return
+    present = captions_file.columns(path, f'{where}.path')
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from None
+  keys = (('image_key', data.get('image_key') or 'image'),
+          ('caption_key', data.get('caption_key') or captions_file.default_caption_key(path)))
+  for field, key in keys:
+    if key not in present:
+      which = 'a column of its header' if captions_file.file_format(path) == 'csv' else 'a key of its first lines'
+      raise ConfigError(f'{where}.{field}={key!r} is not {which} ({path!r} has {present})')
 
 
 FLAT_DATA_FIELDS = ('resolution', 'num_examples', 'max_objects')  # Fields that moved into an eval's `data`.
@@ -291,22 +329,38 @@ def check_ks(config, prefix: str = '') -> None:
 
 
 def known_class_names(data) -> list[str] | None:
-  """Class names of a data set that defines them itself (the synthetic data: colour x shape), else None."""
-  if as_dict(data).get('name') == 'synthetic':
+  """Class names of a data set that defines them itself, else None: the synthetic data's (colour x shape) and a
+  folder's (its sorted sub-folder names: label i is the i-th)."""
+  data = as_dict(data)
+  if data.get('name') == 'synthetic':
     return synthetic_classes()[0]
+  if data.get('name') == 'folder' and data.get('path'):
+    from jmm.data import folder  # pylint: disable=g-import-not-at-top
+    try:
+      return folder.class_names(str(data['path']))
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(str(e)) from None
   return None
 
 
+def has_caption_lists(data) -> bool:
+  """Whether the data gives several captions per image: a captions_file, or a file source with captions_key."""
+  from jmm.evaluators import file_data  # pylint: disable=g-import-not-at-top
+  return file_data.has_caption_lists(as_dict(data))
+
+
 def load_data(data, *, fields: Sequence[str] = ('image', 'caption', 'label'), caption_key: str | None = None,
-              label_key: str = 'label') -> dict[str, Any]:
+              label_key: str = 'label', captions_key: str | None = None) -> dict[str, Any]:
   """Materialises the eval data a data dict names: {'image': uint8 [N, H, W, 3], 'caption': list[str] [N],
-  'label': int [N]} (the `fields` asked for); cached, so evaluations at every eval step reuse it.
+  'captions': list[list[str]] [N], 'label': int [N]} (the `fields` asked for); cached, so evaluations at every
+  eval step reuse it.
 
   Synthetic data: `caption_key` / `label_key` name fields of its examples (default 'caption' / 'label'; e.g.
-  label_key='colour'), and every field of `synthetic_split` comes back too ('seen', 'colour', 'shape').
-  File sources: the caption is the source's (data.caption_key; `caption_key` overrides it) and the label is
-  read from `label_key` (see the module docstring). Bad records are skipped with a warning. Callers must not
-  modify the returned arrays.
+  label_key='colour'), 'captions' holds the one caption of each image, and every field of `synthetic_split`
+  comes back too ('seen', 'colour', 'shape'). File sources (`jmm.evaluators.file_data`): the caption is the
+  source's (data.caption_key; `caption_key` overrides it), the caption lists come from data.captions_key
+  (`captions_key` overrides it) and the label from `label_key`. Bad records are skipped with a warning and
+  counted in 'bad_records'. Callers must not modify the returned arrays.
   """
   data = data_with_defaults(data)
   if data.get('name') not in DATA_NAMES:
@@ -316,13 +370,17 @@ def load_data(data, *, fields: Sequence[str] = ('image', 'caption', 'label'), ca
                             max_objects=data['max_objects'])
     out = dict(split)
     for field, key in (('caption', caption_key or 'caption'), ('label', label_key)):
-      if field in fields:
+      if field in fields or (field == 'caption' and 'captions' in fields):
         if key not in split:
           raise ConfigError(f'the synthetic data has no field {key!r} (for the {field}); it has {sorted(split)}')
         out[field] = split[key]
+    if 'captions' in fields:
+      out['captions'] = [[c] for c in out['caption']]
     return out
   if caption_key:
     data['caption_key'] = caption_key
+  if captions_key:
+    data['captions_key'] = captions_key
   return dict(_cached_files(json.dumps(data, sort_keys=True, default=str), tuple(fields), label_key))
 
 
@@ -333,109 +391,5 @@ def _cached_files(data_json: str, fields: tuple[str, ...], label_key: str) -> di
 
 def load_file_data(data: dict, fields: Sequence[str], label_key: str = 'label') -> dict[str, Any]:
   """`load_data` of a file source, uncached: the first data.num_examples readable examples (all if None)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jmm.data import build, mixture, transforms  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({'data': data, 'seed': 0})
-  source = build.make_source(config, data['split'])
-  transform = mixture.make_transform(config.data) if 'image' in fields else None
-  read_label = _label_reader(data, label_key) if 'label' in fields else None
-  want = len(source) if data.get('num_examples') is None else int(data['num_examples'])
-  columns: dict[str, list] = {f: [] for f in fields}
-  bad, first_error = 0, None
-  for i in range(len(source)):
-    if len(columns[fields[0]]) >= want:
-      break
-    try:
-      example = source[i]
-      row = {}
-      if 'image' in fields:
-        row['image'] = transform(example['image'])
-      if 'caption' in fields:
-        row['caption'] = example['caption']
-      if 'label' in fields:
-        row['label'] = read_label(i)
-    except (transforms.BadRecord, OSError) as e:
-      bad, first_error = bad + 1, first_error or f'example {i}: {e}'
-      continue
-    for f in fields:
-      columns[f].append(row[f])
-  n = len(columns[fields[0]])
-  if bad:
-    logging.warning('eval data %s: skipped %d bad records (first: %s)', data.get('paths') or data.get('tfds_name'),
-                    bad, first_error)
-  if not n:
-    raise ValueError(f'eval data {data.get("paths") or data.get("tfds_name")!r}: no readable example '
-                     f'({bad} bad; first: {first_error})')
-  if n < want and data.get('num_examples') is not None:
-    logging.warning('eval data %s: asked for num_examples=%d, has %d readable', data.get('paths'), want, n)
-  out: dict[str, Any] = {}
-  for f, values in columns.items():
-    if f == 'caption':
-      out[f] = list(values)
-    else:
-      array = np.stack(values) if f == 'image' else np.asarray(values, dtype=np.int64)
-      array.setflags(write=False)
-      out[f] = array
-  return out
-
-
-def _parse_label(value, label_key: str) -> int:
-  """An integer class id from a label member / field: an int, a numpy scalar, or text like '3'."""
-  if isinstance(value, np.ndarray):
-    value = value.reshape(-1)[0] if value.size else ''
-  if isinstance(value, (bytes, bytearray)):
-    value = bytes(value).decode('utf-8', 'replace')
-  try:
-    if isinstance(value, str):
-      return int(value.strip())
-    if _is_int(value):
-      return int(value)
-  except ValueError:
-    pass
-  raise ValueError(f'label_key={label_key!r}: {value!r} is not an integer class id')
-
-
-def _label_reader(data: dict, label_key: str) -> Callable[[int], int]:
-  """index -> the integer label of example `index` of the file source `make_source` builds from `data`."""
-  from jmm.data import transforms  # pylint: disable=g-import-not-at-top
-  name = data['name']
-  if name == 'webdataset':
-    # The same shards indexed with the label member in place of the caption: rows are grouped by key in the
-    # same order, so row i is example i of the caption source.
-    from jmm.data import webdataset  # pylint: disable=g-import-not-at-top
-    image_key = data.get('image_key') or ''
-    labels = webdataset.WebDatasetSource(
-        data['paths'], name=f'{name}:{label_key}', caption_extension=label_key,
-        image_extensions=(image_key,) if image_key else webdataset.IMAGE_EXTENSIONS,
-        index_cache=data.get('index_cache') or '')
-    return lambda i: _parse_label(labels[i]['caption'], label_key)
-  if name == 'array_record':
-    # The msgpack map of each record holds the label beside 'image' and 'caption'. Files are opened in the
-    # order ArrayRecordSource opens them, skipping the same empty or unreadable ones, so indices agree.
-    import msgpack  # pylint: disable=g-import-not-at-top
-    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-    from jmm.data import webdataset  # pylint: disable=g-import-not-at-top
-    good = []
-    for path in webdataset.expand_paths(data['paths'], 'data.paths'):
-      try:
-        if len(array_record_data_source.ArrayRecordDataSource([path])):
-          good.append(path)
-      except (RuntimeError, OSError, ValueError):
-        pass
-    records = array_record_data_source.ArrayRecordDataSource(good)
-
-    def read(i: int) -> int:
-      try:
-        record = msgpack.unpackb(records[i], raw=False)
-      except Exception as e:  # pylint: disable=broad-except  (msgpack raises many types for damaged bytes)
-        raise transforms.BadRecord(f'record {i} is not msgpack: {type(e).__name__}') from None
-      if not isinstance(record, dict) or label_key not in record:
-        raise transforms.BadRecord(f'record {i} has no {label_key!r}')
-      return _parse_label(record[label_key], label_key)
-    return read
-  if name == 'tfds':
-    from jmm.data import tfds_source  # pylint: disable=g-import-not-at-top
-    labels = tfds_source.TfdsSource(data['tfds_name'], data['split'], data_dir=data.get('data_dir') or None,
-                                    image_key=data.get('image_key') or 'image', caption_key=label_key)
-    return lambda i: _parse_label(labels[i]['caption'], label_key)
-  raise ConfigError(f'data.name={name!r}: no labels for this kind of source')
+  from jmm.evaluators import file_data  # pylint: disable=g-import-not-at-top
+  return file_data.load(data, fields, label_key)

@@ -99,11 +99,31 @@ def _train_data(config) -> dict:
                                    num_examples=int(common.get(config, 'train_examples', 2000)))
 
 
-def validate(config, prefix: str = '') -> None:
-  """Checks the eval's fields without reading data; raises ConfigError naming the field (after `prefix`)."""
+def load_train_and_test(config, evaluator: str):
+  """A probe's examples: (train_images, y_train [N], test_images, y_test [M], num_classes); images uint8.
+
+  Reads config.data (the test examples), train_data (see `_train_data`), label_key ('label') and num_classes
+  (the test data's own class count if it has one, else max label + 1 over train and test). Shared with
+  `fewshot`, which embeds only the training images it samples.
+  """
+  label_key = common.get(config, 'label_key', 'label')
+  train = common.load_data(_train_data(config), fields=('image', 'label'), label_key=label_key)
+  test_config = common.eval_data(config)
+  test = common.load_data(test_config, fields=('image', 'label'), label_key=label_key)
+  y_train, y_test = np.asarray(train['label']), np.asarray(test['label'])
+  known = common.known_class_names(test_config) if label_key == 'label' else None
+  num_classes = int(common.get(config, 'num_classes',
+                               len(known) if known else max(y_train.max(), y_test.max()) + 1))
+  if min(y_train.min(), y_test.min()) < 0 or max(y_train.max(), y_test.max()) >= num_classes:
+    raise ValueError(f'{evaluator}: labels must lie in [0, num_classes={num_classes})')
+  return train['image'], y_train, test['image'], y_test, num_classes
+
+
+def validate_train_and_test_data(config, prefix: str = '') -> None:
+  """Checks `data` and `train_data` (or its default) of a probe, the linear one or `fewshot`; ConfigError."""
   data = common.eval_data(config, prefix)
   common.validate_data(data, 'data', prefix)
-  if common.get(config, 'train_data', None) is None and data['name'] in ('webdataset', 'array_record'):
+  if common.get(config, 'train_data', None) is None and data['name'] not in ('synthetic', 'tfds'):
     raise ConfigError(f'{prefix}train_data is not set: for data.name={data.get("name")!r} the split does not '
                       'choose files, so the probe would train on its test files; give train_data=dict(...)')
   if common.get(config, 'train_data', None) is not None and common.get(config, 'train_examples', None) is not None:
@@ -111,6 +131,11 @@ def validate(config, prefix: str = '') -> None:
                       f'{prefix}train_data.num_examples instead')
   common.validate_data(_train_data(config), 'train_data', prefix)
   common.check_positive_ints(config, ('batch_size', 'train_examples', 'num_classes'), prefix)
+
+
+def validate(config, prefix: str = '') -> None:
+  """Checks the eval's fields without reading data; raises ConfigError naming the field (after `prefix`)."""
+  validate_train_and_test_data(config, prefix)
   l2 = common.get(config, 'l2', None)
   if l2 is not None and (not isinstance(l2, (int, float)) or l2 < 0):
     raise ConfigError(f'{prefix}l2 must be a number >= 0 (or None: choose from l2_grid), got {l2!r}')
@@ -134,22 +159,11 @@ def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
   unprefixed. The text tower and tokenizer are not used.
   """
   del embed_texts, tokenizer  # The probe reads image embeddings only.
+  seed = int(common.get(config, 'seed', _train_data(config).get('seed', 0)))
+  train_images, y_train, test_images, y_test, num_classes = load_train_and_test(config, 'linear_probe')
   batch_size = int(common.get(config, 'batch_size', 256))
-  label_key = common.get(config, 'label_key', 'label')
-  train_config = _train_data(config)
-  seed = int(common.get(config, 'seed', train_config.get('seed', 0)))
-  train = common.load_data(train_config, fields=('image', 'label'), label_key=label_key)
-  test_config = common.eval_data(config)
-  test = common.load_data(test_config, fields=('image', 'label'), label_key=label_key)
-  y_train, y_test = np.asarray(train['label']), np.asarray(test['label'])
-  known = common.known_class_names(test_config) if label_key == 'label' else None
-  num_classes = int(common.get(config, 'num_classes',
-                               len(known) if known else max(y_train.max(), y_test.max()) + 1))
-  if min(y_train.min(), y_test.min()) < 0 or max(y_train.max(), y_test.max()) >= num_classes:
-    raise ValueError(f'linear_probe: labels must lie in [0, num_classes={num_classes})')
-
-  x_train = common.embed_images_in_batches(embed_images, train['image'], batch_size)  # [N_train, D]
-  x_test = common.embed_images_in_batches(embed_images, test['image'], batch_size)  # [N_test, D]
+  x_train = common.embed_images_in_batches(embed_images, train_images, batch_size)  # [N_train, D]
+  x_test = common.embed_images_in_batches(embed_images, test_images, batch_size)  # [N_test, D]
   l2 = common.get(config, 'l2', None)
   if l2 is None:
     l2 = select_l2(x_train, y_train, num_classes, common.get(config, 'l2_grid', DEFAULT_L2_GRID),

@@ -8,6 +8,7 @@ optionally `validate(config)`; `every` is the interval in steps (0: only at the 
 from __future__ import annotations
 
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -39,15 +40,67 @@ def validate(config) -> None:
         raise ConfigError(f'config.evals.{name}: {e}') from None
 
 
-def make_embed_fns(model, mesh=None):
-  """Jitted (params, images) -> zimg and (params, tokens) -> ztxt, built once per run so evals compile once.
+class EmbedFns(NamedTuple):
+  """Jitted (params, images) -> zimg and (params, tokens) -> ztxt, and the mesh their inputs are split over."""
+  image: Callable
+  text: Callable
+  mesh: Any = None
 
-  On a mesh the outputs are replicated, so every process can read the whole embedding back to the host.
+
+def make_embed_fns(model, mesh=None) -> EmbedFns:
+  """The embedding functions, built once per run so evals compile once.
+
+  On a mesh the inputs are split over its batch axes (every device embeds a slice) and the outputs are
+  replicated, so every process can read the whole embedding back to the host.
   """
   out = {} if mesh is None else {'out_shardings': parallel.replicated(mesh)}
   img_fn = jax.jit(lambda p, x: model_build.apply(model, p, {'image': x})['zimg'], **out)
   txt_fn = jax.jit(lambda p, t: model_build.apply(model, p, {'text': t})['ztxt'], **out)
-  return img_fn, txt_fn
+  return EmbedFns(img_fn, txt_fn, mesh)
+
+
+class Progress:
+  """A progress line for long evaluations: what has been embedded, and how fast, every `every` seconds."""
+
+  def __init__(self, name: str, every: float = 10.0):
+    self.name, self.every = name, every
+    self.counts = {'images': 0, 'texts': 0}
+    self.start = self.last = time.perf_counter()
+
+  def update(self, what: str, n: int) -> None:
+    self.counts[what] += n
+    now = time.perf_counter()
+    if now - self.last >= self.every:
+      self.last = now
+      rate = self.counts['images'] / max(now - self.start, 1e-9)
+      print(f'eval {self.name}: {self.counts["images"]:,} images, {self.counts["texts"]:,} texts embedded '
+            f'({rate:,.0f} images/s, {now - self.start:.0f} s)', flush=True)
+
+
+def host_embed_fns(embed_fns: EmbedFns, params, progress: Progress | None = None):
+  """Host-side (numpy in, numpy float32 out) embedding functions for the evaluators.
+
+  Every process passes the same full batch; on a mesh each device takes its slice of it (a batch that does not
+  split evenly is padded with copies of its last row, dropped from the output), so evaluation is multi-host
+  safe and keeps every device busy.
+  """
+  mesh = embed_fns.mesh
+
+  def wrap(fn, what):
+    def call(x):
+      x = np.asarray(x)
+      n = len(x)
+      if mesh is not None:
+        pad = -n % parallel.batch_shards(mesh)
+        if pad:
+          x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+        x = jax.make_array_from_callback(x.shape, parallel.batch_sharding(mesh), lambda index: x[index])
+      out = np.asarray(fn(params, x), np.float32)[:n]
+      if progress is not None:
+        progress.update(what, n)
+      return out
+    return call
+  return wrap(embed_fns.image, 'images'), wrap(embed_fns.text, 'texts')
 
 
 def due(config, step: int) -> bool:
@@ -58,17 +111,15 @@ def due(config, step: int) -> bool:
 def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None) -> dict:
   """Runs every evaluator in `config.evals` (those due at `step`, or all if None); returns prefixed metrics.
 
-  `embed_fns` comes from `make_embed_fns`; evaluators get host-side functions, numpy in and out.
+  `embed_fns` comes from `make_embed_fns`; evaluators get host-side functions (`host_embed_fns`), numpy in and out.
   """
-  img_fn, txt_fn = embed_fns
-  embed_images = lambda x: np.asarray(img_fn(params, x), np.float32)  # noqa: E731
-  embed_texts = lambda t: np.asarray(txt_fn(params, t), np.float32)  # noqa: E731
   out = {}
   for name, ev in config.get('evals', {}).items():
     every = ev.get('every', 0)
     if every < 0 or (step is not None and (not every or step % every)):
       continue
     start = time.perf_counter()
+    embed_images, embed_texts = host_embed_fns(embed_fns, params, Progress(name))
     results = _module(name, ev).evaluate(embed_images, embed_texts, tokenizer, ev)
     out.update({f'{name}/{k}': v for k, v in results.items()})
     out[f'{name}/seconds'] = time.perf_counter() - start

@@ -5,12 +5,17 @@ the per-template embeddings are averaged into one class embedding (prompt ensemb
 class whose embedding has the largest cosine similarity with its own.
 
 Generic: the data set, class names and templates all come from the config (see `evaluate`). Label i of the
-data is class_names[i].
+data is class_names[i]. Published lists ship with the package (jmm/evaluators/assets/, see its README) and are
+named instead of a file: class_names='imagenet' (CLIP's 1000 ImageNet names), templates='clip80' (CLIP's 80
+ImageNet templates) or 'clip_short' (the 7 of them OpenAI's forward selection kept).
 """
 from __future__ import annotations
 
+import importlib.resources
+import os
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from jmm.errors import ConfigError
@@ -18,6 +23,26 @@ from jmm.evaluators import common
 
 DEFAULT_TEMPLATES = ('{}', 'a photo of a {}.')
 DEFAULT_KS = (1, 5)
+# Named lists: a `class_names` / `templates` string that is not an existing file and is one of these names reads
+# the package's copy (jmm/evaluators/assets/), so a config need not point at a file on every machine.
+NAMED_CLASS_NAMES = {'imagenet': 'imagenet_classes.txt'}
+NAMED_TEMPLATES = {'clip80': 'clip_templates.txt', 'clip_short': 'clip_templates_short.txt'}
+
+
+def asset_lines(filename: str) -> list[str]:
+  """The non-empty lines of jmm/evaluators/assets/`filename`, read from the installed package."""
+  text = importlib.resources.files('jmm.evaluators').joinpath('assets').joinpath(filename).read_text('utf-8')
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def _lines(value, named: dict[str, str], field: str, prefix: str) -> list[str]:
+  """A list, a text file (one entry per line) or, for a string that is no existing file, a named asset."""
+  if isinstance(value, str) and not os.path.exists(value):
+    if value in named:
+      return asset_lines(named[value])
+    if os.sep not in value and '.' not in value:  # A bare word: a mistyped name, not a missing file.
+      raise ConfigError(f'{prefix}{field}={value!r} is neither a file nor a named list ({sorted(named)})')
+  return common.read_lines(value, field, prefix)
 
 
 def class_embeddings(text_emb) -> np.ndarray:
@@ -68,9 +93,10 @@ def topk_accuracy(logits, labels, k: int = 1) -> float:
 
 
 def templates_from(config, default: Sequence[str] = DEFAULT_TEMPLATES, prefix: str = '') -> list[str]:
-  """config.templates (a list or a text file, one per line) or `default`; each must hold exactly one '{}'."""
+  """config.templates (a list, a text file with one per line, or a name in NAMED_TEMPLATES) or `default`; each
+  must hold exactly one '{}'."""
   value = common.get(config, 'templates', None)
-  templates = list(default) if value is None else common.read_lines(value, 'templates', prefix)
+  templates = list(default) if value is None else _lines(value, NAMED_TEMPLATES, 'templates', prefix)
   for i, t in enumerate(templates):
     if t.count('{}') != 1:
       raise ConfigError(f"{prefix}templates[{i}]={t!r} must contain exactly one '{{}}' for the class name")
@@ -78,10 +104,11 @@ def templates_from(config, default: Sequence[str] = DEFAULT_TEMPLATES, prefix: s
 
 
 def class_names_from(config, data, prefix: str = '') -> list[str]:
-  """config.class_names (a list or a text file, one per line), else the data set's own names if it has any."""
+  """config.class_names (a list, a text file with one per line, or a name in NAMED_CLASS_NAMES), else the data
+  set's own names if it has any."""
   value = common.get(config, 'class_names', None)
   if value is not None:
-    return common.read_lines(value, 'class_names', prefix)
+    return _lines(value, NAMED_CLASS_NAMES, 'class_names', prefix)
   names = common.known_class_names(data)
   if names is None:
     raise ConfigError(f'{prefix}class_names is not set: zero-shot on data.name={data.get("name")!r} needs the '
@@ -102,11 +129,14 @@ def validate(config, prefix: str = '') -> None:
 def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
   """Zero-shot top-k accuracy over `class_names` on the images of config.data.
 
-  Reads config fields: data (a data dict, see `common.data_with_defaults`; required), class_names (a list or a
-  text file, one name per line; label i names class_names[i]; optional only for data sets that name their
-  classes themselves), templates (DEFAULT_TEMPLATES; a list or a text file, one per line, each with one '{}'),
-  label_key ('label'), ks ((1, 5)), batch_size (256), text_len (16). Returns {'top1', 'top5'} (one 'top{k}' per
-  k), unprefixed.
+  Reads config fields: data (a data dict, see `common.data_with_defaults`; required), class_names (a list, a
+  text file with one name per line, or 'imagenet'; label i names class_names[i]; optional only for data sets
+  that name their classes themselves), templates (DEFAULT_TEMPLATES; a list, a text file with one per line, or
+  'clip80' / 'clip_short'; each with one '{}'), label_key ('label'), ks ((1, 5)), batch_size (256), text_len
+  (16), mean_per_class (False: also 'mean_per_class_top1', the mean of the per-class recalls, the convention
+  of e.g. Oxford-IIIT Pets, Flowers-102 and FGVC-Aircraft), scores_path ('': when set, a .npz with every image's
+  class scores 'scores' [N, C] (cosine similarities) and 'labels' [N]). Returns {'top1', 'top5'} (one 'top{k}'
+  per k), unprefixed.
   """
   data_config = common.eval_data(config)
   batch_size = int(common.get(config, 'batch_size', 256))
@@ -123,4 +153,25 @@ def evaluate(embed_images, embed_texts, tokenizer, config) -> dict[str, float]:
   image_emb = common.embed_images_in_batches(embed_images, data['image'], batch_size)  # [N, D]
   class_emb = embed_classes(embed_texts, tokenizer, class_names, templates, text_len, batch_size)  # [C, D]
   logits = zeroshot_logits(image_emb, class_emb)  # [N, C]
-  return {f'top{k}': topk_accuracy(logits, labels, k) for k in ks}
+  out = {f'top{k}': topk_accuracy(logits, labels, k) for k in ks}
+  if common.get(config, 'mean_per_class', False):
+    out['mean_per_class_top1'] = mean_per_class_accuracy(logits, labels)
+  scores_path = common.get(config, 'scores_path', '')
+  if scores_path and jax.process_index() == 0:
+    save_scores(scores_path, logits, labels)
+  return out
+
+
+def mean_per_class_accuracy(logits, labels) -> float:
+  """The mean over the classes present in `labels` of the fraction of their images predicted right."""
+  hits = np.argmax(np.asarray(logits), axis=-1) == labels  # Ties: the lower class index.
+  return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)]))
+
+
+def save_scores(path: str, logits, labels) -> None:
+  """Writes {'scores': [N, C], 'labels': [N]} to `path` (a .npz), atomically."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp.npz'
+  np.savez(tmp, scores=np.asarray(logits, np.float32), labels=np.asarray(labels))
+  os.replace(tmp, path)
