@@ -1,13 +1,21 @@
-"""Standalone evaluation of a checkpoint: `python -m jmm.evaluate --config=... --workdir=DIR [--step=N]`.
+"""Standalone evaluation of a jmm checkpoint or of converted released weights.
 
-Restores the newest (or the given) checkpoint's parameters from DIR, runs every evaluator in `config.evals`,
-prints the results and writes `DIR/eval_<step>.json`.
+  python -m jmm.evaluate --config=configs/siglip.py --workdir=DIR [--step=N]      # a training run's checkpoint
+  python -m jmm.evaluate --config=configs/eval/imagenet.py:weights=W.npz,tokenizer=T,data=D --out=R.json
+
+With a workdir holding checkpoints/, the newest (or the given) checkpoint's parameters are restored; without one,
+`config.init_from` names the weights (a converted `.npz`, an HF model directory or another jmm workdir; the
+configs in configs/eval/ set it from `weights=`). Every evaluator in `config.evals` runs, its embeddings computed
+over all devices (every process, every device; data-parallel, parameters replicated), with a progress line on
+long evaluations. Results: a short table on the terminal and a JSON file (`--out`, default
+`WORKDIR/eval_STEP.json`).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -15,63 +23,138 @@ from ml_collections import config_flags
 
 from jmm import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file the checkpoint was trained with.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir holding checkpoints/ and tokenizer.model.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config: the one the checkpoint was trained with, or an '
+                                          'evaluation config from configs/eval/.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir holding checkpoints/ (and tokenizer.model); optional '
+                               'when config.init_from names the weights.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).')
+_OUT = flags.DEFINE_string('out', None, 'Where to write the results JSON (default: WORKDIR/eval_STEP.json).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process index.')
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
-  """Restores params at `step` (default newest) from `workdir` and returns the evaluators' metrics."""
+def _has_checkpoints(workdir: str | None) -> bool:
+  return bool(workdir) and os.path.isdir(os.path.join(workdir, 'checkpoints'))
+
+
+def evaluate_checkpoint(config, workdir: str | None = None, step: int | None = None, mesh=None) -> dict:
+  """Runs `config.evals` on the parameters of `workdir`'s checkpoint at `step` (default newest), or, with no
+  checkpoint there, on `config.init_from`'s weights; returns {'NAME/metric': value, ..., 'step': int}
+  ('step' is -1 for weights that are not a training checkpoint). `mesh`: default, all devices data-parallel."""
   import jax
-  from jmm import checkpoint as ckpt_lib
+  from jmm import convert
   from jmm import metrics as metrics_lib
   from jmm import parallel
-  from jmm import step as step_lib
   from jmm.data import build as data_build
+  from jmm.errors import ConfigError
   from jmm.evaluators import run as eval_run
   from jmm.models import build as model_build
 
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(f'no checkpoints/ folder in workdir {workdir!r}: train there first')
   eval_run.validate(config)
-  tokenizer = data_build.make_tokenizer(config, workdir)
+  if not config.get('evals'):
+    raise ConfigError('config.evals is empty: nothing to evaluate (configs/eval/ has evaluation configs)')
+  from_checkpoint = _has_checkpoints(workdir)
+  if not from_checkpoint and not config.get('init_from'):
+    where = f'workdir {workdir!r} has no checkpoints/ folder' if workdir else 'no --workdir given'
+    raise ConfigError(f'{where}, and config.init_from is empty: give a workdir a run trained in, or weights '
+                      '(e.g. configs/eval/imagenet.py:weights=/path/siglip.npz)')
+  if not config.tokenizer.get('path') and not from_checkpoint:
+    raise ConfigError('config.tokenizer.path is empty: released weights need the tokenizer they were trained with '
+                      '(configs/eval/*.py: tokenizer=...)')
+  tokenizer = data_build.make_tokenizer(config, workdir or tempfile.gettempdir())
   model = model_build.make_model(config, tokenizer.vocab_size)
-  # The restore target, on one device; evals embed there.
-  mesh = parallel.make_mesh('data=1,fsdp=1,tensor=1', devices=jax.local_devices()[:1])
-  state, _, _, _ = step_lib.create_state(model, config, data_build.batch_spec(config), mesh,
-                                         parallel.rules(config, mesh))
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every)
-  try:
-    step = step if step is not None else checkpointer.latest_step()
+  mesh = mesh or parallel.make_mesh('data=-1')
+  abstract, _ = model_build.abstract_params(model, data_build.batch_spec(config), config.get('seed', 0))
+  if from_checkpoint:
+    latest = _latest(workdir)
+    step = latest if step is None else step
     if step is None:
-      raise FileNotFoundError(f'no complete checkpoint in {checkpointer.directory}')
-    state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(state))
-  finally:
-    checkpointer.close()
-  results = eval_run.run_evaluators(config, eval_run.make_embed_fns(model), state['params'], tokenizer, None)
+      raise FileNotFoundError(f'no complete checkpoint in {workdir}/checkpoints')
+    params = convert.load_init_params(workdir, abstract) if step == latest else _params_at(workdir, step, abstract)
+  else:
+    params = convert.load_init_params(config.init_from, abstract)
+    step = -1
+  params = jax.device_put(params, parallel.replicated(mesh))
+  print(f'evaluating {workdir if from_checkpoint else config.init_from} (step {step}) on {parallel.describe(mesh)}',
+        flush=True)
+  results = eval_run.run_evaluators(config, eval_run.make_embed_fns(model, mesh), params, tokenizer, None)
   results = {k: metrics_lib.to_python(v) for k, v in results.items()}
   results['step'] = int(step)
   return results
 
 
+def _latest(workdir: str) -> int | None:
+  from jmm import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(workdir, use_async=False)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+
+
+def _params_at(workdir: str, step: int, abstract) -> dict:
+  """Params of the checkpoint at `step` (not the newest), restored on one device as numpy."""
+  import jax
+  import orbax.checkpoint as ocp
+  from jmm import checkpoint as ckpt_lib
+  from jmm import convert
+  checkpointer = ckpt_lib.Checkpointer(workdir, use_async=False)
+  try:
+    meta = checkpointer.manager.item_metadata(step)['state']
+    meta = getattr(meta, 'tree', meta)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, 'shape', ()) or ()), m.dtype, sharding=device), meta)
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  finally:
+    checkpointer.close()
+  flat = convert.flatten(jax.tree.map(lambda x: jax.device_get(x), restored['state']['params']))
+  return convert.match_params(flat, abstract, f'{workdir} step {step}')
+
+
+def format_table(results: dict) -> str:
+  """Results as a short table: one row per metric, grouped by evaluator."""
+  rows = []
+  for key in sorted(k for k in results if '/' in k):
+    name, metric = key.split('/', 1)
+    value = results[key]
+    rows.append((name, metric, f'{value:.4f}' if isinstance(value, float) else str(value)))
+  width = max([len(r[0]) for r in rows] + [4])
+  mwidth = max([len(r[1]) for r in rows] + [6])
+  lines = [f'{"eval":{width}s}  {"metric":{mwidth}s}  value']
+  lines += [f'{n:{width}s}  {m:{mwidth}s}  {v}' for n, m, v in rows]
+  return '\n'.join(lines)
+
+
 def main(argv) -> None:
   del argv
+  import jax
   from jmm import errors
   from jmm import metrics
+  from jmm import parallel
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   metrics.quiet_library_logs()
+  workdir = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else None
+  if not workdir and not _OUT.value:
+    sys.exit('error: give --out=RESULTS.json (or --workdir=DIR to write DIR/eval_STEP.json)')
   try:
-    results = evaluate_checkpoint(_CONFIG.value, os.path.abspath(_WORKDIR.value), _STEP.value)
+    results = evaluate_checkpoint(_CONFIG.value, workdir, _STEP.value)
   except errors.USER_ERRORS as e:
     sys.exit(f'error: {e}')
-  for k, v in sorted(results.items()):
-    print(f'{k:32s} {v:.4f}' if isinstance(v, float) else f'{k:32s} {v}')
-  path = os.path.join(_WORKDIR.value, f'eval_{results["step"]}.json')
-  with open(path, 'w') as f:
+  if jax.process_index():
+    return
+  print(format_table(results))
+  path = _OUT.value or os.path.join(workdir, f'eval_{results["step"]}.json')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
     json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
   print(f'wrote {path}')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   app.run(main, flags_parser=config_lib.parse_flags)  # Bad flags: one error line, no traceback.

@@ -105,3 +105,50 @@ def base_config(arg) -> ml_collections.ConfigDict:
   # Test hooks: SIGKILL itself after the checkpoint of a step; SIGTERM one process at a step.
   c.debug = dict(kill_at_step=-1, sigterm_at_step=-1, sigterm_process=0)
   return c
+
+
+def from_weights(config: ml_collections.ConfigDict, weights: str, tokenizer: str) -> ml_collections.ConfigDict:
+  """Fits `config` to converted weights (a `.npz` from `python -m jmm.convert.import_weights`): their model,
+  loss, resolution and text length; their preprocessing (resize mode for file eval data; the image tower's
+  pixel normalisation) and text conventions (padding, SigLIP's canonicalisation); init_from = the weights."""
+  from jmm import convert  # pylint: disable=g-import-not-at-top
+  from jmm.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if not weights:
+    raise ConfigError('weights= is empty: give a .npz from python -m jmm.convert.import_weights')
+  spec = convert.read_spec(weights)
+  config.model = ml_collections.ConfigDict({'name': 'two_tower', **spec['model']})
+  config.data.resolution = spec['resolution']
+  config.data.text_len = spec['text_len']
+  # Older .npz files (before the spec recorded preprocessing) get the family's conventions.
+  pre = spec.get('preprocess') or {'transform': 'resize'}
+  tok = spec.get('tokenizer') or {'pad_id': 1 if spec['format'] in ('hf_siglip', 'big_vision') else 0,
+                                  'canonicalize': False}
+  for ev in config.evals.values():
+    ev.text_len = spec['text_len']
+    for data in (ev.get('data'), ev.get('train_data')):
+      if data is not None:
+        data.resolution = spec['resolution']
+        if data.get('name') != 'synthetic':
+          data.transform = pre['transform']
+  config.objectives = {spec['loss']: contrastive(spec['loss'])}
+  config.init_from = weights
+  config.tokenizer.path = tokenizer
+  # Released SigLIP texts are padded with eos (big_vision pad_value=1; HF SiglipTokenizer pads with '</s>') and
+  # canonicalised (lower-case, no punctuation).
+  config.tokenizer.pad_id = tok['pad_id']
+  config.tokenizer.canonicalize = tok['canonicalize']
+  return config
+
+
+def eval_config(weights: str, tokenizer: str, evals: dict) -> ml_collections.ConfigDict:
+  """A config for `python -m jmm.evaluate` on converted weights (configs/eval/): the model, tokenizer and
+  preprocessing of `weights` (`from_weights`) and the given `config.evals`; nothing is trained."""
+  from jmm import convert  # pylint: disable=g-import-not-at-top
+  from jmm.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if not weights:
+    raise ConfigError('weights= is empty: give a .npz from python -m jmm.convert.import_weights')
+  arg = ml_collections.ConfigDict(dict(data='synthetic', steps=1, batch=1, img='tiny', txt='tiny',
+                                       res=convert.read_spec(weights)['resolution']))
+  config = base_config(arg)
+  config.evals = evals
+  return from_weights(config, weights, tokenizer)

@@ -1,7 +1,6 @@
 """CLIP byte-level BPE (jmm.data.clip_bpe) against HF's CLIPTokenizer on a tiny vocabulary made here."""
 from __future__ import annotations
 
-import collections
 import gzip
 import json
 import pickle
@@ -13,52 +12,20 @@ import pytest
 from jmm.data import clip_bpe
 from jmm.data import tokenizer as tokenizer_lib
 
+import tiny_vocab
+
 CORPUS = ('a photo of a red cat', 'the dog\'s ball is blue', 'two small green triangles in the top left',
           'photos of cats and dogs', 'a blue square, a red circle!', 'it\'s the 3rd photo')
 TEXTS = ['A photo of a RED cat.', "the dog's ball   isn't blue", 'photos of 12 cats & dogs!!', 'café über 中文 🙂',
          "we'll see'd they've", 'triangles\tin\nthe  top left', '', 'x' * 40, 'a,b;c:d']
 
 
-def _learn_merges(corpus, count):
-  """Plain BPE training (most frequent adjacent pair first) over byte symbols with '</w>' word ends."""
-  table = clip_bpe.byte_symbols()
-  words = collections.Counter(w for text in corpus for w in clip_bpe.pre_tokenize(clip_bpe.clean(text)))
-  split = {w: [table[b] for b in w.encode()] for w in words}
-  for parts in split.values():
-    parts[-1] += clip_bpe.EOW
-  merges = []
-  for _ in range(count):
-    pairs = collections.Counter()
-    for w, parts in split.items():
-      for pair in zip(parts, parts[1:]):
-        pairs[pair] += words[w]
-    if not pairs:
-      break
-    best = max(sorted(pairs), key=lambda p: pairs[p])
-    merges.append(best)
-    for w, parts in split.items():
-      out, i = [], 0
-      while i < len(parts):
-        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-          out.append(parts[i] + parts[i + 1])
-          i += 2
-        else:
-          out.append(parts[i])
-          i += 1
-      split[w] = out
-  return merges
-
-
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   """vocab.json + merges.txt (HF layout) and the same merges as an open_clip .txt.gz, in OpenAI's id order."""
   root = tmp_path_factory.mktemp('bpe')
-  merges = _learn_merges(CORPUS, 40)
-  symbols = list(clip_bpe.byte_symbols().values())
-  tokens = symbols + [s + clip_bpe.EOW for s in symbols] + [a + b for a, b in merges] + [clip_bpe.SOT, clip_bpe.EOT]
-  (root / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+  merges, tokens = tiny_vocab.write_clip_bpe(root, CORPUS, 40)
   lines = ['#version: 0.2'] + [f'{a} {b}' for a, b in merges]
-  (root / 'merges.txt').write_text('\n'.join(lines) + '\n')
   with gzip.open(root / 'bpe_simple_vocab_16e6.txt.gz', 'wt', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
   return root, merges, len(tokens)

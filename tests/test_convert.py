@@ -63,6 +63,11 @@ def _inputs(seed=0, eos=None):
 
 
 def _jmm_outputs(spec, flat, images, ids):
+  """`images` are the peer's normalised pixels; jmm is fed the same pictures in [-1, 1] and normalises them
+  itself (the image tower's pixel_mean / pixel_std) when the weights expect another normalisation."""
+  image = spec['model']['image']
+  if image.get('pixel_mean') is not None:
+    images = (images * np.float32(image['pixel_std']) + np.float32(image['pixel_mean'])) * 2 - 1
   model = convert.model_from_spec(spec)
   params = convert.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
   with jax.default_matmul_precision('highest'):
@@ -124,6 +129,8 @@ def test_hf_siglip_parity_and_roundtrip(hf_siglip, tmp_path):
   state = _state(hf_siglip)
   spec, flat = hf.from_state_dict(state, hf_siglip.config.to_dict())
   assert spec['loss'] == 'sigmoid' and spec['resolution'] == IMAGE and spec['text_len'] == TEXT_LEN
+  assert spec['preprocess']['transform'] == 'resize' and spec['tokenizer'] == dict(canonicalize=True, pad_id=1)
+  assert 'pixel_mean' not in spec['model']['image']  # SigLIP's [-1, 1] is jmm's own.
   images, ids = _inputs()
   for got, want in zip(_jmm_outputs(spec, flat, images, ids), _hf_outputs(hf_siglip, images, ids)):
     assert _rel_err(got, want) < RTOL
@@ -142,6 +149,8 @@ def test_hf_clip_parity_and_roundtrip(hf_clip, tmp_path):
   state = _state(hf_clip)
   spec, flat = hf.from_state_dict(state, hf_clip.config.to_dict())
   assert spec['loss'] == 'softmax' and spec['model']['text']['pool_type'] == 'eos'
+  assert spec['preprocess']['transform'] == 'resize_crop' and spec['tokenizer'] == dict(canonicalize=False, pad_id=0)
+  np.testing.assert_allclose(spec['model']['image']['pixel_mean'], [0.48145466, 0.4578275, 0.40821073])
   images, ids = _inputs(1, eos=VOCAB - 1)
   for got, want in zip(_jmm_outputs(spec, flat, images, ids), _hf_outputs(hf_clip, images, ids)):
     assert _rel_err(got, want) < RTOL

@@ -79,10 +79,13 @@ def spec_from_big_vision(tensors: dict[str, np.ndarray]) -> dict:
   if grid * grid != positions:
     raise ValueError(f'img/pos_embedding: {positions} positions is not a square grid')
   out_dim = text['out_dim'] or image['out_dim'] or text['width']
-  return dict(format='big_vision', loss='sigmoid', resolution=grid * ph,
+  spec = dict(format='big_vision', loss='sigmoid', resolution=grid * ph,
               text_len=int(tensors['txt/pos_embedding'].shape[-2]),
               vocab_size=int(tensors['txt/Embed_0/embedding'].shape[0]),
               model=dict(image=image, text=text, out_dim=out_dim, temperature_init=math.log(10.0), bias_init=-10.0))
+  # big_vision's SigLIP: squash-resize, pixels in [-1, 1], texts canonicalised and padded with eos (pad_value=1).
+  return common.add_preprocessing(spec, transform='resize', mean=(0.5,) * 3, std=(0.5,) * 3, canonicalize=True,
+                                  pad_id=1)
 
 
 def _map_head_entries(jmm: str, bv: str, width: int) -> tuple[list[Entry], dict]:

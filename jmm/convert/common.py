@@ -17,6 +17,10 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+# OpenAI CLIP's per-channel pixel mean / std on [0, 1] pixels (Radford et al. 2021; open_clip and HF use them too).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 SPEC_KEY = '__jmm_spec__'  # The model description stored inside a converted params .npz (a JSON string).
 
 # safetensors dtype names -> numpy dtypes. BF16 comes from ml_dtypes (a jax dependency).
@@ -337,3 +341,22 @@ def load_params(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
   tensors = load_tensors(path)
   spec = tensors.pop(SPEC_KEY, None)
   return tensors, (json.loads(str(spec)) if spec is not None else None)
+
+
+def add_preprocessing(spec: dict, *, transform: str, mean: Sequence[float], std: Sequence[float],
+                      canonicalize: bool, pad_id: int) -> dict:
+  """Records in `spec` how the weights expect their inputs, so evaluation and fine-tuning feed them right.
+
+  spec['preprocess'] = {transform: 'resize' (squash to the resolution, SigLIP) | 'resize_crop' (shorter side to
+  the resolution, then the centre crop, CLIP), mean, std (per channel, on [0, 1] pixels)}; spec['tokenizer'] =
+  {canonicalize (SigLIP's text cleaning), pad_id}. jmm feeds images in [-1, 1] (mean = std = 0.5); any other
+  normalisation becomes the image tower's pixel_mean / pixel_std, so the model maps the pixels itself.
+  """
+  mean, std = [float(m) for m in mean], [float(s) for s in std]
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ValueError(f'pixel mean / std must be 3 values each (std > 0), got {mean} / {std}')
+  spec['preprocess'] = dict(transform=transform, mean=mean, std=std)
+  spec['tokenizer'] = dict(canonicalize=bool(canonicalize), pad_id=int(pad_id))
+  if any(abs(v - 0.5) > 1e-6 for v in mean + std):
+    spec['model']['image'].update(pixel_mean=mean, pixel_std=std)
+  return spec

@@ -63,8 +63,9 @@ def guess_family(tensors) -> str:
                    '(visual_projection.weight)')
 
 
-def spec_from_hf(tensors: dict[str, np.ndarray], config: dict) -> dict:
-  """The jmm spec (model config, loss, resolution, text length, vocabulary) of an HF state dict + config."""
+def spec_from_hf(tensors: dict[str, np.ndarray], config: dict, preprocessor: dict | None = None) -> dict:
+  """The jmm spec (model config, loss, resolution, text length, vocabulary, preprocessing) of an HF state dict +
+  config (+ its preprocessor_config.json, when there is one)."""
   family = {'siglip_model': 'siglip', 'siglip': 'siglip', 'clip': 'clip', 'clip_model': 'clip'}.get(
       config.get('model_type', ''), None) or guess_family(tensors)
   vc, tc = _tower_config(config, family, 'vision'), _tower_config(config, family, 'text')
@@ -110,10 +111,31 @@ def spec_from_hf(tensors: dict[str, np.ndarray], config: dict) -> dict:
     pool = dict(pool_type='argmax') if eos == 2 else dict(pool_type='eos', eos_id=eos)
     text.update(causal=True, head_bias=False, out_dim=out_dim, **pool)
     loss, bias_init, temperature_init = 'softmax', 0.0, math.log(1 / 0.07)
-  return dict(format=f'hf_{family}', loss=loss, resolution=int(grid * ph), text_len=int(
+  spec = dict(format=f'hf_{family}', loss=loss, resolution=int(grid * ph), text_len=int(
       tensors[f'{t}embeddings.position_embedding.weight'].shape[0]), vocab_size=int(table.shape[0]),
               model=dict(image=image, text=text, out_dim=out_dim, temperature_init=temperature_init,
                          bias_init=bias_init))
+  return common.add_preprocessing(spec, **_preprocessing(family, preprocessor or {}))
+
+
+def _preprocessing(family: str, preprocessor: dict) -> dict:
+  """`common.add_preprocessing`'s fields from an HF preprocessor_config.json (the family's defaults where it
+  is absent): SigLIP squashes to the resolution and maps pixels to [-1, 1]; CLIP resizes the shorter side,
+  centre-crops and normalises with OpenAI's mean / std."""
+  if family == 'siglip':
+    default = dict(transform='resize', mean=(0.5,) * 3, std=(0.5,) * 3)
+  else:
+    default = dict(transform='resize_crop', mean=common.OPENAI_CLIP_MEAN, std=common.OPENAI_CLIP_STD)
+  size = preprocessor.get('size')
+  if isinstance(size, dict) and 'shortest_edge' in size:
+    default['transform'] = 'resize_crop'
+  elif isinstance(size, dict) and 'height' in size:
+    default['transform'] = 'resize'
+  if preprocessor.get('do_normalize') is False:
+    default.update(mean=(0.0,) * 3, std=(1.0,) * 3)
+  else:
+    default.update({k: preprocessor[f'image_{k}'] for k in ('mean', 'std') if preprocessor.get(f'image_{k}')})
+  return dict(default, canonicalize=family == 'siglip', pad_id=1 if family == 'siglip' else 0)
 
 
 def mapping(spec: dict) -> tuple[list[Entry], dict]:
@@ -153,10 +175,11 @@ def mapping(spec: dict) -> tuple[list[Entry], dict]:
 
 
 def from_state_dict(tensors: dict[str, np.ndarray], config: dict | None = None,
-                    source: str = 'state dict') -> tuple[dict, dict[str, np.ndarray]]:
-  """An HF SiglipModel / CLIPModel state dict (name -> array) and its config dict -> (spec, flat jmm params)."""
+                    source: str = 'state dict', preprocessor: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+  """An HF SiglipModel / CLIPModel state dict (name -> array), its config dict and (optionally) its
+  preprocessor_config.json dict -> (spec, flat jmm params)."""
   tensors = common.as_float32({k: np.asarray(v) for k, v in tensors.items()})
-  spec = spec_from_hf(tensors, config or {})
+  spec = spec_from_hf(tensors, config or {}, preprocessor)
   entries, _ = mapping(spec)
   flat = common.apply_import(tensors, entries, source, ignore=_IGNORED)
   if spec['format'] == 'hf_clip':
@@ -166,7 +189,8 @@ def from_state_dict(tensors: dict[str, np.ndarray], config: dict | None = None,
 
 def load(path: str, config_path: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
   """An HF model directory (config.json + model.safetensors / pytorch_model.bin / sharded) or weights file
-  (config.json beside it, or `config_path`) -> (spec, flat jmm params)."""
+  (config.json beside it, or `config_path`) -> (spec, flat jmm params). A preprocessor_config.json beside the
+  weights sets the spec's preprocessing; without one, the family's published defaults."""
   path = os.fspath(path)
   directory = path if os.path.isdir(path) else os.path.dirname(path)
   config_path = config_path or os.path.join(directory, 'config.json')
@@ -189,7 +213,11 @@ def load(path: str, config_path: str | None = None) -> tuple[dict, dict[str, np.
           path, ('model.safetensors', 'pytorch_model.bin'), 'HF weights'))
   else:
     tensors = common.load_tensors(path)
-  return from_state_dict(tensors, config, source=path)
+  preprocessor = {}
+  if os.path.isfile(os.path.join(directory, 'preprocessor_config.json')):
+    with open(os.path.join(directory, 'preprocessor_config.json')) as f:
+      preprocessor = json.load(f)
+  return from_state_dict(tensors, config, source=path, preprocessor=preprocessor)
 
 
 def _family_of(spec: dict) -> str:

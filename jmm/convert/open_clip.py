@@ -77,12 +77,16 @@ def spec_from_open_clip(tensors: dict[str, np.ndarray], config: dict) -> dict:
     text['eos_id'] = int(tcfg.get('eos_id', 2))
   out_dim = int(tensors['visual.proj'].shape[1])
   sigmoid = 'logit_bias' in tensors
-  return dict(format='open_clip', loss='sigmoid' if sigmoid else 'softmax', resolution=grid * ph,
+  # open_clip's SigLIP models squash to [-1, 1] and canonicalise texts; its CLIPs use OpenAI's preprocessing.
+  pre = (dict(transform='resize', mean=(0.5,) * 3, std=(0.5,) * 3, canonicalize=True, pad_id=1) if sigmoid else
+         dict(transform='resize_crop', mean=common.OPENAI_CLIP_MEAN, std=common.OPENAI_CLIP_STD,
+              canonicalize=False, pad_id=0))
+  return common.add_preprocessing(dict(format='open_clip', loss='sigmoid' if sigmoid else 'softmax', resolution=grid * ph,
               text_len=int(tensors['positional_embedding'].shape[0]),
               vocab_size=int(tensors['token_embedding.weight'].shape[0]),
               model=dict(image=image, text=text, out_dim=out_dim,
                          temperature_init=math.log(10.0) if sigmoid else math.log(1 / 0.07),
-                         bias_init=-10.0 if sigmoid else 0.0))
+                         bias_init=-10.0 if sigmoid else 0.0)), **pre)
 
 
 def mapping(spec: dict, tensors=None) -> tuple[list[Entry], dict]:

@@ -108,4 +108,5 @@ def make_tokenizer(config, workdir: str):
   source = make_source(config)
   return tokenizer_lib.get_tokenizer(
       path, workdir, lambda: source.captions(config.tokenizer.get('train_sentences', 20000)),
-      config.tokenizer.vocab_size)
+      config.tokenizer.vocab_size, pad_id=config.tokenizer.get('pad_id', tokenizer_lib.PAD_ID),
+      canonicalize=config.tokenizer.get('canonicalize', False))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import string
 import tempfile
 from typing import Callable, Sequence
 
@@ -16,16 +18,25 @@ import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MODEL_FILENAME = 'tokenizer.model'
+_PUNCTUATION = str.maketrans('', '', string.punctuation)
+
+
+def canonicalize(text: str) -> str:
+  """SigLIP's text cleaning (big_vision's prompt_engineering.canonicalize_text, which HF's SiglipTokenizer
+  and open_clip's SigLIP tokenizer also apply): lower-case, drop ASCII punctuation, collapse whitespace."""
+  return re.sub(r'\s+', ' ', text.lower().translate(_PUNCTUATION)).strip()
 
 
 class Tokenizer:
   """A SentencePiece model with batched, fixed-length encoding: texts -> int32 [n, max_len]."""
 
-  def __init__(self, model_path: str, pad_id: int = PAD_ID):
+  def __init__(self, model_path: str, pad_id: int = PAD_ID, canonicalize: bool = False):
     """pad_id: the id rows are padded with. 0 is jmm's convention; released SigLIP models were trained with
     texts padded with eos (1: big_vision's pad_value=1, HF SiglipTokenizer's pad_token '</s>'), and their
-    'last'-token pooling reads the padding, so use pad_id=1 with them."""
+    'last'-token pooling reads the padding, so use pad_id=1 with them. canonicalize: clean every text with
+    `canonicalize` first, as released SigLIP models expect."""
     model_path = os.fspath(model_path)
+    self._canonicalize = bool(canonicalize)
     if pad_id not in (PAD_ID, EOS_ID):
       raise ValueError(f'pad_id={pad_id}: expected {PAD_ID} (pad) or {EOS_ID} (eos, as released SigLIP)')
     self._pad_id = int(pad_id)
@@ -44,11 +55,13 @@ class Tokenizer:
 
   # Pickled by value (the model bytes), so Grain worker processes need no access to the file.
   def __getstate__(self):
-    return {'model_path': self.model_path, 'proto': self._proto, 'pad_id': self._pad_id}
+    return {'model_path': self.model_path, 'proto': self._proto, 'pad_id': self._pad_id,
+            'canonicalize': self._canonicalize}
 
   def __setstate__(self, state):
     self.model_path = state['model_path']
     self._pad_id = state.get('pad_id', PAD_ID)
+    self._canonicalize = state.get('canonicalize', False)
     self._load(state['proto'])
 
   def __repr__(self) -> str:
@@ -78,7 +91,8 @@ class Tokenizer:
       raise TypeError('encode takes a sequence of texts; wrap a single text in a list')
     if max_len <= 0:
       raise ValueError(f'max_len must be positive, got {max_len}')
-    pieces = self._sp.encode(list(texts), out_type=int, add_eos=True)
+    texts = [canonicalize(t) for t in texts] if self._canonicalize else list(texts)
+    pieces = self._sp.encode(texts, out_type=int, add_eos=True)
     out = np.full((len(pieces), max_len), self._pad_id, np.int32)  # [n, max_len]
     for row, ids in zip(out, pieces):
       ids = ids[:max_len]
@@ -138,12 +152,13 @@ def train_tokenizer(sentences: Sequence[str], model_path: str, vocab_size: int,
 
 
 def get_tokenizer(path: str | None, workdir: str, sentences_fn: Callable[[], list[str]],
-                  vocab_size: int, pad_id: int = PAD_ID) -> Tokenizer:
+                  vocab_size: int, pad_id: int = PAD_ID, canonicalize: bool = False) -> Tokenizer:
   """The tokenizer at `path`, else workdir/tokenizer.model, trained there from `sentences_fn()` if absent.
 
   `path` is a SentencePiece `.model` (SigLIP), or CLIP's BPE files: a directory with vocab.json + merges.txt,
   either file's path, or open_clip's bpe_simple_vocab_16e6.txt.gz (`jmm.data.clip_bpe`). pad_id: see
-  `Tokenizer` (1 for released SigLIP weights; SentencePiece only).
+  `Tokenizer` (1 for released SigLIP weights; SentencePiece only); canonicalize: see `Tokenizer` (SentencePiece
+  only: CLIP's BPE does its own cleaning).
 
   Caching it in the workdir keeps the vocabulary fixed across restarts of a run (a retrained model could
   differ from the one the checkpoint's embeddings were learnt with); `sentences_fn` is only called to train.
@@ -152,7 +167,7 @@ def get_tokenizer(path: str | None, workdir: str, sentences_fn: Callable[[], lis
     if os.path.isdir(path) or path.endswith(('.json', '.txt', '.txt.gz')):  # CLIP's BPE files (vocab + merges).
       from jmm.data import clip_bpe  # pylint: disable=g-import-not-at-top
       return clip_bpe.ClipTokenizer(path)
-    return Tokenizer(path, pad_id)  # FileNotFoundError naming the path if it is missing.
+    return Tokenizer(path, pad_id, canonicalize)  # FileNotFoundError naming the path if it is missing.
   cached = os.path.join(workdir, MODEL_FILENAME)
   if os.path.isfile(cached):
     return Tokenizer(cached)

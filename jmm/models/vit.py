@@ -54,6 +54,9 @@ class ViT(nn.Module):
   `layers.ACTIVATIONS`; CLIP: 'quick_gelu' or 'gelu', 1e-5), patch_bias (CLIP: False), cls_posemb (the position
   table has a first row for the 'tok' class token, as CLIP; default: the class token gets no position),
   ln_pre (CLIP's LayerNorm before the encoder), head_bias (CLIP: False), out_dim=0 (no head).
+  pixel_mean / pixel_std (per channel, on [0, 1] pixels): the input normalisation the weights were trained
+  with when it is not jmm's [-1, 1] (CLIP: OpenAI's mean / std). Images always arrive in [-1, 1]; the tower
+  maps them, so training, evaluation and benchmarks feed every model the same way.
   """
   width: int
   depth: int
@@ -75,10 +78,18 @@ class ViT(nn.Module):
   ln_pre: bool = False
   head_bias: bool = True
   moe: Any = None  # config.model.moe fields (jmm.models.moe): mixture-of-experts MLPs in some blocks.
+  pixel_mean: Sequence[float] | None = None
+  pixel_std: Sequence[float] | None = None
 
   @nn.compact
   def __call__(self, image, train: bool = False):
     del train
+    if (self.pixel_mean is None) != (self.pixel_std is None):
+      raise ValueError('ViT pixel_mean and pixel_std must be set together (or neither)')
+    if self.pixel_mean is not None:
+      mean = jnp.asarray(self.pixel_mean, jnp.float32)
+      std = jnp.asarray(self.pixel_std, jnp.float32)
+      image = (((image.astype(jnp.float32) + 1) / 2 - mean) / std).astype(image.dtype)
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f'unknown ViT pool_type {self.pool_type!r}; known: {", ".join(POOL_TYPES)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
