@@ -615,3 +615,23 @@ def test_validate_names_the_bad_field(files, module, config, field):
     module.validate(base, prefix='config.evals.x.')
   with pytest.raises(ConfigError, match='^config.evals.x.'):  # The runner's prefix leads the field's path.
     module.validate(base, prefix='config.evals.x.')
+
+
+def test_mean_per_class_accuracy_equals_a_loop():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(40, 5))
+  labels = np.r_[np.zeros(30, int), rng.integers(1, 5, size=10)]  # Imbalanced: class 0 dominates.
+  want = []
+  for c in sorted(set(labels.tolist())):
+    rows = [i for i in range(len(labels)) if labels[i] == c]
+    want.append(sum(int(np.argmax(logits[i]) == c) for i in rows) / len(rows))
+  assert zeroshot.mean_per_class_accuracy(logits, labels) == pytest.approx(np.mean(want))
+  assert zeroshot.mean_per_class_accuracy(logits, labels) != pytest.approx(zeroshot.topk_accuracy(logits, labels, 1))
+
+
+def test_standalone_evaluate_needs_a_checkpoint_or_weights(tmp_path):
+  from jmm import evaluate
+  from configs import siglip
+  config = siglip.get_config()
+  with pytest.raises(ConfigError, match='init_from is empty'):
+    evaluate.evaluate_checkpoint(config, str(tmp_path))
