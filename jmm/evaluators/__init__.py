@@ -27,7 +27,8 @@ Every eval reads its data from `data`, a dict shaped like `config.data` (`common
 File sources hold image + caption; an integer label is read from `label_key` of the same example (a
 WebDataset member such as KEY.cls, a key of the ArrayRecord msgpack map, a TFDS feature, a captions_file
 column); see `file_data`.
-Plus, per eval: batch_size (256) and text_len (16).
+Plus, per eval: batch_size (256), text_len (16) and dims (()): prefix widths at which the evaluator runs again on
+embeddings cut to their first d coordinates and re-normalised, keys suffixed '@d' (`common.evaluate_at_dims`).
 
   zeroshot            generic: class_names (a list or a text file, one per line; label i is class_names[i]; may
                       be left unset only on data that names its classes itself: the synthetic data, a folder),

@@ -13,6 +13,7 @@ and raises ConfigError naming the field.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -393,3 +394,71 @@ def load_file_data(data: dict, fields: Sequence[str], label_key: str = 'label') 
   """`load_data` of a file source, uncached: the first data.num_examples readable examples (all if None)."""
   from jmm.evaluators import file_data  # pylint: disable=g-import-not-at-top
   return file_data.load(data, fields, label_key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating at embedding prefixes (Matryoshka representations, Kusupati et al. 2022): an eval entry's `dims`.
+# ----------------------------------------------------------------------------------------------------------
+def eval_dims(config, prefix: str = '', width: int | None = None) -> tuple[int, ...]:
+  """The eval's `dims` (default ()): unique positive prefix widths, at most `width` when given; ConfigError."""
+  dims = get(config, 'dims', ())
+  if not isinstance(dims, (list, tuple)) or not all(_is_int(d) and d > 0 for d in dims):
+    raise ConfigError(f'{prefix}dims must be a list of positive prefix widths such as (16, 32, 64) (the full '
+                      f'width is always evaluated, unsuffixed), got {dims!r}')
+  if len(set(dims)) != len(dims):
+    raise ConfigError(f'{prefix}dims={tuple(dims)} repeats a width')
+  if width is not None and any(d > width for d in dims):
+    raise ConfigError(f'{prefix}dims={tuple(dims)}: {max(dims)} exceeds the embedding width {width}')
+  return tuple(int(d) for d in dims)
+
+
+def prefix_embeddings(z, dim: int) -> np.ndarray:
+  """The first `dim` coordinates of each row of `z` [N, D], L2-normalised again -> [N, dim]."""
+  return l2_normalise(np.asarray(z)[:, :dim])
+
+
+def memoised(fn: Callable) -> Callable:
+  """`fn` with its outputs cached by the content (shape, dtype, bytes) of its input array.
+
+  Why content and not identity: evaluators build a fresh array per batch (padding, [-1, 1] conversion), so the
+  same batch of a second pass is another object with the same bytes. Hashing a batch costs far less than
+  embedding it.
+  """
+  cache: dict[tuple, np.ndarray] = {}
+
+  def call(x):
+    x = np.ascontiguousarray(x)
+    key = (x.shape, x.dtype.str, hashlib.blake2b(memoryview(x).cast('B'), digest_size=16).digest())
+    if key not in cache:
+      cache[key] = np.array(fn(x))
+    return cache[key].copy()  # An evaluator that edits its embeddings in place cannot touch the next pass's.
+  return call
+
+
+def evaluate_at_dims(evaluate: Callable, embed_images: Callable, embed_texts: Callable, tokenizer, config,
+                     prefix: str = '') -> dict[str, float]:
+  """`evaluate(...)` at the full width, then once per width d of config `dims` on embeddings cut to their first
+  d coordinates and re-normalised, its metric keys suffixed '@d' ('top1@16'). Any evaluator gets this unchanged.
+
+  The model embeds each input once: the passes share `memoised` embedding functions, and each prefix pass
+  truncates the full embeddings. `scores_path` (zeroshot's score file) is written by the full-width pass only.
+  """
+  dims = eval_dims(config, prefix)
+  if not dims:
+    return dict(evaluate(embed_images, embed_texts, tokenizer, config))
+  embed_images, embed_texts = memoised(embed_images), memoised(embed_texts)
+
+  def cut(fn, dim):
+    def call(x):
+      z = fn(x)
+      eval_dims(config, prefix, width=z.shape[-1])  # A width beyond the model's: the error names `dims`.
+      return prefix_embeddings(z, dim)
+    return call
+
+  out = dict(evaluate(embed_images, embed_texts, tokenizer, config))
+  if get(config, 'scores_path', ''):
+    config = {**as_dict(config), 'scores_path': ''}
+  for dim in dims:
+    results = evaluate(cut(embed_images, dim), cut(embed_texts, dim), tokenizer, config)
+    out.update({f'{k}@{dim}': v for k, v in results.items()})
+  return out

@@ -3,7 +3,9 @@
 Each entry of `config.evals` is `{name: {type, every, ...}}`: `type` names a module `jmm.evaluators.<type>` (or
 a dotted module path) with `evaluate(embed_images, embed_texts, tokenizer, config) -> {metric: value}` and
 optionally `validate(config)`; `every` is the interval in steps (0: only at the end of training; -1: never, e.g.
-`--config.evals.linear_probe.every=-1` turns one off from the command line).
+`--config.evals.linear_probe.every=-1` turns one off from the command line); `dims` (any entry, e.g. (16, 32, 64))
+also evaluates the embeddings cut to those prefix widths and re-normalised, metric keys suffixed '@16' ...
+(Matryoshka representations; `common.evaluate_at_dims`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from jmm import config as config_lib
 from jmm import parallel
 from jmm.errors import ConfigError
+from jmm.evaluators import common
 from jmm.models import build as model_build
 
 
@@ -31,6 +34,8 @@ def validate(config) -> None:
       raise ConfigError(f'config.evals.{name}.every must be an integer >= -1 (steps; 0 = at the end; -1 = never), '
                         f'got {every!r}')
     module = _module(name, ev)
+    out_dim = (config.get('model') or {}).get('out_dim')
+    common.eval_dims(ev, f'config.evals.{name}.', out_dim if isinstance(out_dim, int) else None)
     if not hasattr(module, 'evaluate'):
       raise ConfigError(f'config.evals.{name}: {module.__name__} has no evaluate()')
     if hasattr(module, 'validate'):
@@ -120,7 +125,9 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
       continue
     start = time.perf_counter()
     embed_images, embed_texts = host_embed_fns(embed_fns, params, Progress(name))
-    results = _module(name, ev).evaluate(embed_images, embed_texts, tokenizer, ev)
+    # `dims`: also at embedding prefixes, keys suffixed '@d' (common.evaluate_at_dims; every evaluator gets it).
+    results = common.evaluate_at_dims(_module(name, ev).evaluate, embed_images, embed_texts, tokenizer, ev,
+                                      f'config.evals.{name}.')
     out.update({f'{name}/{k}': v for k, v in results.items()})
     out[f'{name}/seconds'] = time.perf_counter() - start
   return out
