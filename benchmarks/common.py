@@ -208,7 +208,8 @@ def build_train_step(config, vocab_size: int, batch_size: int, *, with_info: boo
   terms = objectives.load(config)
   model = model_build.make_model(config, vocab_size)
   params, _ = model_build.init_params(model, data_build.batch_spec(config), config.seed)
-  tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps,
+                                      locked=model_build.locked_params(config))
   state = _state(config, tx, params)
   batch = synthetic_batch(config, batch_size, vocab_size)
   start = time.perf_counter()
@@ -235,7 +236,8 @@ def lower_train_step(config, vocab_size: int, batch_size: int):
   params, _ = model_build.abstract_params(model, spec)
   if _needs_text_neg(config):
     spec['text_neg'] = spec['text']
-  tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optim, params, config.total_steps,
+                                      locked=model_build.locked_params(config))
   state = jax.eval_shape(lambda p: _state(config, tx, p), params)
   step = step_lib.make_train_step(model, tx, schedule, objectives.load(config))
   return step.lower(state, spec)

@@ -4,7 +4,8 @@ Counts are matmul FLOPs (2 per multiply-add), the convention of MFU as defined i
 al. 2022, appendix B): elementwise work (norms, GELU, softmax, the optimizer) is left out, and activation
 recomputation (remat) is not counted, so MFU does not reward recomputing. A training step costs the forward
 plus a backward of twice the forward (one matmul for the input gradient, one for the weight gradient), except
-the patch embedding, whose input (the image) needs no gradient: it costs forward + weight gradient only.
+the patch embedding, whose input (the image) needs no gradient: it costs forward + weight gradient only, and a
+locked tower (`config.model.locked`), which costs its forward only.
 
 `jax.jit(f).lower(...).compile().cost_analysis()['flops']` counts the same matmuls plus the elementwise work;
 tests/test_flops.py and benchmarks/train_step.py check the two agree within 10%.
@@ -84,8 +85,15 @@ def model_flops(config, batch_size: int | None = None) -> dict:
   loss = 2 * batch * texts * batch * out_img
   image_fwd, text_fwd = batch * sum(img_parts.values()), texts * batch * sum(txt_parts.values())
   forward = image_fwd + text_fwd + loss
-  # Backward = 2x forward, less the patch embedding's input gradient (images are not differentiated).
+  # Backward = 2x forward, less the patch embedding's input gradient (images are not differentiated). A locked
+  # tower (config.model.locked) runs forward only: no input or weight gradients.
+  locked = two_tower.locked_towers(config)
   train_step = 3 * forward - batch * img_parts['embed']
+  if 'image' in locked:
+    train_step -= 2 * image_fwd - batch * img_parts['embed']
+  if 'text' in locked:
+    train_step -= 2 * text_fwd
+  train_step -= len(locked) * loss  # The logits' gradient for a locked side's embeddings is not formed either.
   return {'image_forward': image_fwd, 'text_forward': text_fwd, 'loss_forward': loss, 'forward': forward,
           'train_step': train_step, 'per_example_forward': forward / batch,
           'image_parts': {k: batch * v for k, v in img_parts.items()},

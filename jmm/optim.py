@@ -77,11 +77,14 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(config, params, total_steps: int):
+def make_optimizer(config, params, total_steps: int, locked: tuple[str, ...] = ()):
   """Builds the optax transformation for `config.optim`; returns (tx, schedule).
 
   Weight decay applies to parameters named `kernel` only (not biases, norms, embeddings, temperature).
-  Parameters whose path matches any regex in `config.frozen` get zero updates (locked towers).
+  Parameters whose path matches any regex in `config.frozen`, and the subtrees named in `locked` (top-level
+  names, `jmm.models.build.locked_params`: the towers `config.model.locked` locks), get zero updates and no
+  optimizer state: optax.multi_transform hands the trained group's transformation a tree in which they are
+  empty `MaskedNode`s, so Adam / Adafactor allocate no moments for them.
   """
   schedule = make_schedule(config, total_steps)
   paths = tree_paths(params)
@@ -105,15 +108,18 @@ def make_optimizer(config, params, total_steps: int):
     raise ConfigError(f'config.optim.name={config.name!r} is not one of adamw, adafactor')
 
   frozen = list(config.get('frozen', ()) or ())
-  if frozen:
+  if frozen or locked:
     try:
       patterns = [re.compile(p) for p in frozen]
     except re.error as e:
       raise ConfigError(f'config.optim.frozen: bad regex: {e}') from None
+    is_locked = lambda p: p.split('/', 1)[0] in locked  # noqa: E731
     labels = jax.tree.map(
-        lambda p: 'frozen' if any(r.search(p) for r in patterns) else 'train', paths)
+        lambda p: 'frozen' if is_locked(p) or any(r.search(p) for r in patterns) else 'train', paths)
     if all(label == 'frozen' for label in jax.tree.leaves(labels)):
-      raise ConfigError(f'config.optim.frozen={frozen} freezes every parameter')
+      what = ' and '.join(([f'config.optim.frozen={frozen}'] if frozen else []) +
+                          ([f'the locked {", ".join(locked)}'] if locked else []))
+      raise ConfigError(f'{what} freezes every parameter')
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
 

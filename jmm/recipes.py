@@ -30,6 +30,15 @@ def contrastive(loss: str = 'sigmoid', impl: str = 'dense', weight: float = 1.0,
   return dict(type='contrastive', weight=weight, loss=loss, impl=impl, hard_negatives=hard_negatives)
 
 
+def flip(config, mask_ratio: float = 0.5, unmasked_steps: int = 0, loss: str = 'sigmoid', impl: str = 'dense',
+         weight: float = 1.0, hard_negatives: bool = False) -> dict:
+  """A `config.objectives` entry for FLIP (jmm/objectives/flip.py): the contrastive loss on a random
+  `1 - mask_ratio` of each image's patches, on the patch grid of `config.model.image`."""
+  from jmm.objectives import flip as flip_lib  # pylint: disable=g-import-not-at-top
+  return dict(contrastive(loss, impl, weight, hard_negatives), type='flip', mask_ratio=mask_ratio,
+              unmasked_steps=unmasked_steps, patch_size=flip_lib.tower_patch_size(config.model))
+
+
 def base_config(arg) -> ml_collections.ConfigDict:
   """Everything but the objectives: a two-tower model on the data set named by `arg.data`."""
   c = ml_collections.ConfigDict()
@@ -74,6 +83,10 @@ def base_config(arg) -> ml_collections.ConfigDict:
       out_dim=128 if arg.img == 'tiny' else 768,
       temperature_init=math.log(10.0),  # SigLIP paper: t' = log 10, b = -10.
       bias_init=-10.0,
+      # Locked towers (LiT, Zhai et al. 2022; configs/lit.py): 'image', 'text' or ''. A locked tower gets no
+      # gradient and no optimizer state; it needs init_from unless locked_random_ok (tests, benchmarks).
+      locked='',
+      locked_random_ok=False,
   )
   # Mixture of experts (jmm/models/moe.py, configs/clip_up.py): num_experts=0 is the dense model. Fields: k (top-k),
   # layers ('every_other' = blocks 1, 3, ...; 'all'; 'last_n:N'; '1,3'), towers, capacity_factor (0 = dropless),
@@ -92,6 +105,8 @@ def base_config(arg) -> ml_collections.ConfigDict:
   c.resume_check = True
   # Initial parameters (a fresh run only): a jmm workdir, or a .npz from `python -m jmm.convert.import_weights`.
   c.init_from = ''
+  # The towers init_from loads ('image', 'text', 'image,text'); the rest is freshly initialised. '' = everything.
+  c.init_from_towers = ''
 
   # Evaluators (jmm/evaluators) and the data each reads: the synthetic held-out split (seed 1) by default.
   heldout = dict(name='synthetic', split='test', resolution=arg.res, seed=1, max_objects=1)
@@ -116,7 +131,8 @@ def from_weights(config: ml_collections.ConfigDict, weights: str, tokenizer: str
   if not weights:
     raise ConfigError('weights= is empty: give a .npz from python -m jmm.convert.import_weights')
   spec = convert.read_spec(weights)
-  config.model = ml_collections.ConfigDict({'name': 'two_tower', **spec['model']})
+  config.model = ml_collections.ConfigDict({'name': 'two_tower', **spec['model'], 'locked': config.model.locked,
+                                           'locked_random_ok': config.model.locked_random_ok})
   config.data.resolution = spec['resolution']
   config.data.text_len = spec['text_len']
   # Older .npz files (before the spec recorded preprocessing) get the family's conventions.

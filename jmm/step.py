@@ -44,7 +44,8 @@ def create_state(model, config, spec, mesh, axis_rules=parallel.LOGICAL_RULES, p
   """
   key = jax.random.key(config.seed)
   abstract_params, logical_specs = model_build.abstract_params(model, spec, config.seed, axis_rules)
-  tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps,
+                                      locked=model_build.locked_params(config))
   param_shardings = parallel.logical_shardings(abstract_params, logical_specs, mesh, axis_rules)
   dummy = model_build.dummy_batch
 
@@ -68,7 +69,7 @@ def create_state(model, config, spec, mesh, axis_rules=parallel.LOGICAL_RULES, p
 
 
 def make_train_step(model, tx, schedule, terms, *, max_nonfinite_steps: int = 10, state_shardings=None,
-                    mesh=None, axis_rules=parallel.LOGICAL_RULES, compiler_options=None):
+                    mesh=None, axis_rules=parallel.LOGICAL_RULES, compiler_options=None, phase=None):
   """The jitted step (state, batch) -> (state, metrics); `state` is donated.
 
   terms: `jmm.objectives.load(config)`; the loss minimised is their weighted sum (metrics: 'loss', each term's
@@ -78,13 +79,15 @@ def make_train_step(model, tx, schedule, terms, *, max_nonfinite_steps: int = 10
   With `state_shardings` and `mesh` the step is compiled for them (batch split over the mesh's batch axes,
   metrics replicated) and the activations follow the logical-axis rules; without, it is a plain jit.
   compiler_options: XLA options the step is compiled with (`jmm.cpu_matmuls`: oneDNN matmuls on CPU).
+  phase: the objectives' phase this program runs (`jmm.objectives.phase_at`; None: the first), e.g. FLIP's
+  unmasked last steps, whose inputs have other shapes: one program per phase.
   """
   def train_step(state, batch):
     with nn.logical_axis_rules(axis_rules):
       return _train_step(state, batch)
 
   def _train_step(state, batch):
-    batch = objectives_lib.prepare(terms, state['step'], step_key(state), batch)
+    batch = objectives_lib.prepare(terms, state['step'], step_key(state), batch, phase)
 
     def loss_fn(params):
       outputs = model_build.apply(model, params, batch, train=True)

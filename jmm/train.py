@@ -20,6 +20,7 @@ import numpy as np
 from jmm import checkpoint as ckpt_lib
 from jmm import cpu_matmuls
 from jmm import metrics as metrics_lib
+from jmm import objectives as objectives_lib
 from jmm import parallel
 from jmm import step as step_lib
 from jmm import validation
@@ -98,11 +99,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from jmm import convert  # pylint: disable=g-import-not-at-top
     params, _ = model_build.init_params(model, spec, config.seed)
     is_moe = bool(moe_lib.tower_moe(config, 'image') or moe_lib.tower_moe(config, 'text'))
-    init = convert.initial_params(config.init_from, params, moe=is_moe)
+    init = convert.initial_params(config.init_from, params, moe=is_moe,
+                                  only=model_build.init_from_params(config))  # config.init_from_towers
   with jax.set_mesh(mesh):
     state, state_shardings, tx, schedule = step_lib.create_state(model, config, spec, mesh, axis_rules, init)
   num_params = sum(x.size for x in jax.tree.leaves(state['params']))
   print(f'model: {num_params / 1e6:.2f}M parameters; {total_steps} steps of batch {batch_size}', flush=True)
+  if config.model.get('locked'):
+    print(f'locked (no gradient, no optimizer state): {", ".join(model_build.locked_params(config))}', flush=True)
 
   # ----- Resume (onto this mesh, whatever mesh wrote the checkpoint). -----
   if start_step:
@@ -112,12 +116,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data_iter.set_state(data_state)
     print(f'resumed from checkpoint at step {start_step}', flush=True)
 
-  def make_step(compiler_options):
+  def make_step(compiler_options, phase=None):
     return step_lib.make_train_step(
         model, tx, schedule, terms, max_nonfinite_steps=config.get('max_nonfinite_steps', 10),
-        state_shardings=state_shardings, mesh=mesh, axis_rules=axis_rules, compiler_options=compiler_options)
+        state_shardings=state_shardings, mesh=mesh, axis_rules=axis_rules, compiler_options=compiler_options,
+        phase=phase)
   matmul_options = cpu_matmuls.compiler_options(config.get('cpu_matmuls', 'auto'))
   train_step = None  # Built at the first batch: oneDNN matmuls are checked on the compiled step (cpu_matmuls).
+  train_phase = None  # The objectives' phase it was built for: a new phase (new shapes) builds the next one.
   embed_fns = eval_run.make_embed_fns(model, mesh)
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
   progress = metrics_lib.Progress(total_steps, batch_size, start_step)
@@ -139,9 +145,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for name, count in (batch.pop('data_stats', None) or {}).items():
         data_stats[name] = data_stats.get(name, 0) + int(np.sum(count))
       global_batch = parallel.global_batch(batch, mesh)
-      if train_step is None:
+      phase = objectives_lib.phase_at(terms, step - 1, total_steps)
+      if train_step is None or phase != train_phase:
         t0 = time.perf_counter()
-        train_step, onednn = cpu_matmuls.checked_jit(make_step, matmul_options, state, global_batch)
+        train_step, onednn = cpu_matmuls.checked_jit(lambda options, p=phase: make_step(options, p),
+                                                     matmul_options, state, global_batch)
+        if train_phase is not None:
+          entered = ', '.join(f'{t.name} phase {p}' for t, p in zip(terms, phase) if p)
+          print(f'step {step}: {entered or "first phase"}: a new train step compiled', flush=True)
+        train_phase = phase
         if onednn:
           print(f'train step compiled with oneDNN matmuls in {time.perf_counter() - t0:.1f} s', flush=True)
       state, metrics = train_step(state, global_batch)

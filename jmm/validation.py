@@ -37,7 +37,8 @@ def validate(config) -> list:
 # What a resumed run must share with the run that wrote the checkpoint: anything that changes the numerics of the
 # step or the data stream. total_steps may change (extending a run), as may the mesh, evaluators, checkpointing
 # and the data's throughput knobs and locations.
-_RESUME_FIELDS = ('seed', 'batch_size', 'dtype', 'model', 'objectives', 'optim', 'tokenizer', 'data', 'init_from')
+_RESUME_FIELDS = ('seed', 'batch_size', 'dtype', 'model', 'objectives', 'optim', 'tokenizer', 'data', 'init_from',
+                  'init_from_towers')
 _RESUME_FREE_DATA = ('paths', 'data_dir', 'index_cache', 'worker_count', 'num_threads', 'prefetch',
                      'max_consecutive_bad')
 
@@ -47,7 +48,9 @@ def _differences(saved, current, path: str, out: list[str]) -> None:
     for key in sorted(set(saved) | set(current)):
       if path == 'data' and key in _RESUME_FREE_DATA:
         continue
-      _differences(saved.get(key), current.get(key), f'{path}.{key}', out)
+      if key not in saved and not current[key]:  # A field added since that run, left off ('', False, ()).
+        continue
+      _differences(saved.get(key), current.get(key), f'{path}.{key}' if path else key, out)
   elif saved != current:
     out.append(f'{path}: {saved!r} -> {current!r}')
 
@@ -60,8 +63,8 @@ def check_resume(saved: dict, config) -> None:
   """
   current = json.loads(config.to_json_best_effort())
   diffs: list[str] = []
-  for key in _RESUME_FIELDS:
-    _differences(saved.get(key), current.get(key), key, diffs)
+  _differences({k: saved[k] for k in _RESUME_FIELDS if k in saved},
+               {k: current[k] for k in _RESUME_FIELDS if k in current}, '', diffs)
   if diffs:
     shown = '; '.join(diffs[:5]) + (f'; and {len(diffs) - 5} more' if len(diffs) > 5 else '')
     raise ConfigError(f'the workdir holds a checkpoint of a run with another config ({shown}). Use a fresh '

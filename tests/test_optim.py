@@ -58,6 +58,26 @@ def test_frozen_groups_get_no_updates():
 
 
 @pytest.mark.parametrize('name', ['adamw', 'adafactor'])
+def test_locked_subtrees_get_no_updates_and_no_optimizer_state(name):
+  """`locked` (config.model.locked's parameters): zero updates, weight decay included, and no moments at all."""
+  params = {**_params(), 'image': {'Dense_0': {'kernel': jnp.ones((64, 32)), 'bias': jnp.ones((32,))}}}
+  config = _config(name=name, warmup_steps=0)
+  state_bytes = lambda tx: sum(x.nbytes for x in jax.tree.leaves(tx.init(params)))  # noqa: E731
+  free, _ = optim.make_optimizer(config, params, total_steps=100)
+  tx, _ = optim.make_optimizer(config, params, total_steps=100, locked=('image',))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates['image']))
+  assert float(jnp.abs(updates['text']['Dense_0']['kernel']).max()) > 0
+  # The image tower's 2080 parameters were the bulk of the moments (AdamW: mu and nu; Adafactor: momentum and
+  # factored statistics); what is left is the small text tower's and the scalars'.
+  assert state_bytes(tx) < 0.25 * state_bytes(free)
+  paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tx.init(params))[0]]
+  assert not any('/image/' in f'/{p}/' for p in paths)
+  with pytest.raises(ConfigError, match='locked image, text freezes every parameter'):
+    optim.make_optimizer(config, {'image': params['image'], 'text': params['text']}, 100, locked=('image', 'text'))
+
+
+@pytest.mark.parametrize('name', ['adamw', 'adafactor'])
 def test_optimizer_minimises_a_quadratic(name):
   params = {'w': {'kernel': jnp.full((4, 4), 3.0)}}
   tx, _ = optim.make_optimizer(_config(name=name, lr=0.1, wd=0.0, warmup_steps=0, schedule='constant'),

@@ -107,12 +107,18 @@ def match_params(flat: dict, params, source: str):
   return unflatten(out)
 
 
-def read_workdir_params(workdir: str, params=None) -> dict:
+def select(flat: dict, only) -> dict:
+  """The entries of a flat {'a/b/c': leaf} dict under the top-level names `only` (all of them for None)."""
+  return flat if only is None else {k: v for k, v in flat.items() if k.split('/', 1)[0] in only}
+
+
+def read_workdir_params(workdir: str, params=None, only=None) -> dict:
   """Params (only) of the latest checkpoint in a jmm workdir, as numpy on the host.
 
   With `params` (the model's tree), names and shapes are checked against it from the checkpoint's metadata
-  before any bytes are read. The whole saved state is restored into single-device host buffers (a target built
-  from the metadata, so the mesh that wrote it does not matter) and its params kept.
+  before any bytes are read; `only` (top-level names) limits that check to those subtrees. The whole saved state
+  is restored into single-device host buffers (a target built from the metadata, so the mesh that wrote it does
+  not matter) and its params kept.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -126,7 +132,8 @@ def read_workdir_params(workdir: str, params=None) -> dict:
     meta = getattr(meta, 'tree', meta)
     if params is not None:
       shapes = {k: tuple(getattr(v, 'shape', ()) or ()) for k, v in flatten(meta['params']).items()}
-      match_params({k: np.zeros(s, np.float32) for k, s in shapes.items()}, params, f'{ck.directory}/{step}')
+      match_params(select({k: np.zeros(s, np.float32) for k, s in shapes.items()}, only), params,
+                   f'{ck.directory}/{step}')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, 'shape', ()) or ()), m.dtype, sharding=device), meta)
@@ -136,16 +143,17 @@ def read_workdir_params(workdir: str, params=None) -> dict:
     ck.close()
 
 
-def load_init_params(path: str, params):
+def load_init_params(path: str, params, only=None):
   """Returns parameters loaded from `path` (a jmm workdir or a converted params file), shaped like `params`.
 
   path: a jmm workdir (params of its latest checkpoint; optimizer state and step are not taken), a `.npz`
   written by `python -m jmm.convert.import_weights`, or an HF model directory / `.safetensors` (converted on
-  the fly). Every parameter name and shape must match the model; the first mismatch is named.
+  the fly). Every parameter name and shape must match the model; the first mismatch is named. only: top-level
+  names (e.g. ('img',)): `params` holds just those subtrees, and the rest of the file is ignored.
   """
   path = os.fspath(path)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return match_params(flatten(read_workdir_params(path, params)), params, path)
+    return match_params(select(flatten(read_workdir_params(path, params, only)), only), params, path)
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
     from jmm.convert import hf  # pylint: disable=g-import-not-at-top
     _, flat = hf.load(path)
@@ -159,7 +167,7 @@ def load_init_params(path: str, params):
                      f'jmm.convert.import_weights, or an HF model directory')
   else:
     raise FileNotFoundError(f'init_from={path!r} does not exist')
-  return match_params(flat, params, path)
+  return match_params(select(flat, only), params, path)
 
 
 def read_spec(path: str) -> dict:
@@ -175,20 +183,35 @@ def read_spec(path: str) -> dict:
     return json.loads(str(z[common.SPEC_KEY]))
 
 
-def initial_params(path: str, params, *, moe: bool = False):
+def initial_params(path: str, params, *, moe: bool = False, only=None):
   """`config.init_from` for a fresh run: parameters from a jmm workdir or a converted `.npz`, fitted to `params`.
 
   For a mixture-of-experts model (`moe`), a MoE checkpoint of the same shape loads as is, and a dense parent is
   upcycled (CLIP-UP: each expert a copy of the dense MLP, routers from the fresh initialisation in `params`).
+  only: top-level parameter names to load (`config.init_from_towers`, e.g. ('img',) for LiT); the others keep
+  their fresh initialisation from `params`. None loads everything.
   """
+  if only is not None:
+    missing = sorted(set(only) - set(params))
+    if missing:
+      raise ValueError(f'init_from={path!r}: the model has no parameters {missing[0]!r} to load')
+    loaded = _initial_params(path, {k: params[k] for k in only}, moe, only)
+    kept = sorted(set(params) - set(only))
+    print(f'init_from: loaded {", ".join(sorted(only))} from {path}; {", ".join(kept)} freshly initialised',
+          flush=True)
+    return {**params, **loaded}
+  return _initial_params(path, params, moe, None)
+
+
+def _initial_params(path: str, params, moe: bool, only):
   if not moe:
-    return load_init_params(path, params)
+    return load_init_params(path, params, only)
   from jmm.models import moe as moe_lib  # pylint: disable=g-import-not-at-top
   try:
-    return load_init_params(path, params)
+    return load_init_params(path, params, only)
   except ValueError as moe_error:
     try:
-      dense = load_init_params(path, moe_lib.dense_template(params))
+      dense = load_init_params(path, moe_lib.dense_template(params), only)
     except ValueError as dense_error:
       raise ValueError(f'init_from={path!r} fits neither the MoE model ({moe_error}) nor its dense parent '
                        f'({dense_error})') from None

@@ -37,6 +37,25 @@ def validate(config) -> None:
     raise config_lib.ConfigError(f'config.model.name={config.model.name!r}: {module.__name__} has no build()')
   if hasattr(module, 'validate'):
     module.validate(config)
+  for field, value, hook in (('model.locked', config.model.get('locked'), 'locked_params'),
+                             ('init_from_towers', config.get('init_from_towers'), 'init_from_params')):
+    if value and not hasattr(module, hook):
+      raise config_lib.ConfigError(f'config.{field}={value!r}: the model {module.__name__} names no towers '
+                                   f'(it has no {hook}())')
+
+
+def locked_params(config) -> tuple[str, ...]:
+  """Top-level parameter names of the parts `config.model.locked` locks (the model's `locked_params`): the
+  optimizer keeps no state for them and they get no updates; () for a model without locked parts."""
+  module = model_module(config)
+  return tuple(module.locked_params(config)) if hasattr(module, 'locked_params') else ()
+
+
+def init_from_params(config) -> tuple[str, ...] | None:
+  """Top-level parameter names `config.init_from` loads (`config.init_from_towers`, through the model's
+  `init_from_params`); None = all of them."""
+  module = model_module(config)
+  return module.init_from_params(config) if hasattr(module, 'init_from_params') else None
 
 
 def make_model(config, vocab_size: int) -> nn.Module:

@@ -19,6 +19,8 @@ from jmm.models import vit
 
 # Dataclass fields every flax module has; not settable from a tower dict.
 _MODULE_FIELDS = ('parent', 'name')
+# Config tower names -> the towers' parameter scopes (config.model.locked, config.init_from_towers).
+TOWERS = {'image': 'img', 'text': 'txt'}
 
 
 def tower_kwargs(config: Mapping[str, Any], module_cls, **defaults) -> dict:
@@ -58,6 +60,8 @@ class TwoTower(nn.Module):
   (bias, init -10) are float32 scalars.
   heads: optional heads by name, {name: {'type': module, **fields}} (see `jmm.models.build`); each runs
   after the towers and adds its outputs under its own name.
+  locked: towers ('image', 'text') whose parameters pass through stop_gradient where the tower reads them (LiT,
+  Zhai et al. 2022): no backward pass runs through a locked tower, not even for values it sows (MoE statistics).
 
   __call__(batch, train=False) -> outputs. `batch` is a dict holding 'image' [B, H, W, 3] and / or 'text'
   int32 [B, L] (evaluators embed one modality at a time: only that tower runs) and whatever objectives add.
@@ -73,18 +77,29 @@ class TwoTower(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   heads: Mapping[str, Mapping[str, Any]] | None = None
+  locked: tuple[str, ...] = ()
+
+  def _tower_cls(self, module_cls, tower: str):
+    """`module_cls`, or for a locked tower the same module reading its params through stop_gradient."""
+    if tower not in self.locked:
+      return module_cls
+    # On the params, not the tower's outputs: every path out of the tower (outputs, sown values) is then cut, and
+    # JAX's autodiff never forms tangents for the tower, so XLA has no backward pass through it to compile.
+    return nn.map_variables(module_cls, 'params', trans_in_fn=lambda v: jax.tree.map(jax.lax.stop_gradient, v),
+                            init=self.is_initializing())
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, Any]:
     defaults = dict(out_dim=self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype)
     outputs = {}
     if batch.get('image') is not None:
-      img_tower = vit.ViT(**tower_kwargs(self.image, vit.ViT, **defaults), name='img')
-      emb, outputs['img'] = img_tower(batch['image'], train=train)
+      img_tower = self._tower_cls(vit.ViT, 'image')(**tower_kwargs(self.image, vit.ViT, **defaults), name='img')
+      # 'image_keep': the patch positions to encode (FLIP's masked training; absent = all, as in evaluation).
+      emb, outputs['img'] = img_tower(batch['image'], train=train, keep=batch.get('image_keep'))
       outputs['zimg'] = l2_normalize(emb)  # [B, out_dim]
     if batch.get('text') is not None:
-      txt_tower = text_lib.TextTransformer(**tower_kwargs(self.text, text_lib.TextTransformer, **defaults),
-                                           name='txt')
+      txt_tower = self._tower_cls(text_lib.TextTransformer, 'text')(
+          **tower_kwargs(self.text, text_lib.TextTransformer, **defaults), name='txt')
       text = batch['text']
       negatives = batch.get('text_neg')
       if negatives is not None:  # Hard-negative captions: one tower call for both, split after.
@@ -125,7 +140,35 @@ def build(config, vocab_size: int) -> TwoTower:
       del tower[k]
   heads = {name: _as_dict(head) for name, head in _as_dict(m.get('heads') or {}).items()}
   return TwoTower(image=image, text=text, out_dim=m.out_dim, temperature_init=m.temperature_init,
-                  bias_init=m.bias_init, dtype=build_lib.DTYPES[config.get('dtype', 'float32')], heads=heads or None)
+                  bias_init=m.bias_init, dtype=build_lib.DTYPES[config.get('dtype', 'float32')], heads=heads or None,
+                  locked=locked_towers(config))
+
+
+def tower_names(value, field: str) -> tuple[str, ...]:
+  """'image,text' (or a list / tuple) -> ('image', 'text'); ConfigError naming `field` for an unknown tower."""
+  if isinstance(value, str):
+    value = [t.strip() for t in value.split(',') if t.strip()]
+  names = tuple(value or ())
+  bad = [t for t in names if t not in TOWERS]
+  if bad:
+    raise ConfigError(f'{field}={bad[0]!r} is not a tower; expected a comma-separated subset of {list(TOWERS)}')
+  return names
+
+
+def locked_towers(config) -> tuple[str, ...]:
+  """The towers `config.model.locked` locks ('' = none)."""
+  return tower_names(config.model.get('locked', ''), 'config.model.locked')
+
+
+def locked_params(config) -> tuple[str, ...]:
+  """The top-level parameter names of the locked towers ('img', 'txt'): the optimizer keeps no state for them."""
+  return tuple(TOWERS[t] for t in locked_towers(config))
+
+
+def init_from_params(config) -> tuple[str, ...] | None:
+  """The top-level parameter names `config.init_from` loads: those of `config.init_from_towers`, None = all."""
+  towers = tower_names(config.get('init_from_towers', ''), 'config.init_from_towers')
+  return tuple(TOWERS[t] for t in towers) or None
 
 
 def validate(config) -> None:
@@ -149,6 +192,21 @@ def validate(config) -> None:
     if not hasattr(config_lib.lookup('models', head['type']), 'Head'):
       raise ConfigError(f'config.model.heads.{name}.type={head["type"]!r} has no Head class')
   moe_lib.validate(config)  # config.model.moe: mixture-of-experts fields (absent or num_experts=0: dense).
+  locked, loaded = locked_towers(config), init_from_params(config)
+  if len(locked) == len(TOWERS) and not config.model.get('heads'):
+    raise ConfigError(f'config.model.locked={config.model.locked!r} locks both towers: nothing but the temperature '
+                      'and bias would train')
+  # A locked tower keeps the values it starts from: random ones are only wanted by tests and benchmarks.
+  if locked and not config.model.get('locked_random_ok', False):
+    unloaded = [t for t in locked if not config.get('init_from') or (loaded and TOWERS[t] not in loaded)]
+    if unloaded:
+      where = ('config.init_from is empty' if not config.get('init_from') else
+               f'config.init_from_towers={config.init_from_towers!r} does not load it')
+      raise ConfigError(f'config.model.locked={config.model.locked!r}: the {unloaded[0]} tower would stay at its '
+                        f'random initialisation ({where}); give the weights to start from with config.init_from, '
+                        'or set config.model.locked_random_ok=True (tests, benchmarks)')
+  if loaded and not config.get('init_from'):
+    raise ConfigError(f'config.init_from_towers={config.init_from_towers!r} needs config.init_from')
 
 
 def _as_dict(node) -> dict:

@@ -47,9 +47,13 @@ class PatchEmbedding(nn.Module):
 class ViT(nn.Module):
   """ViT image tower: patches + learned position embedding, pre-LN encoder, pooling, optional linear head.
 
-  __call__(image [B, H, W, 3], train=False) -> (emb [B, out_dim or width], extras) where extras holds
+  __call__(image [B, H, W, 3], train=False, keep=None) -> (emb [B, out_dim or width], extras) where extras holds
   'encoded' [B, tokens, width] (after the final LayerNorm) and 'pre_logits' [B, width] (pooled, before the head).
   `train` is accepted for a uniform tower signature; there is no dropout.
+  keep: int32 [B, K], per example the patch positions (row-major, 0 <= i < h * w) to encode, the rest dropped
+  (FLIP, Li et al. 2023: `jmm/objectives/flip.py` draws them). Tokens are gathered after the position embedding,
+  so each keeps its position; the encoder and the pooling ('gap', 'map', the 'tok' class token) see only the K
+  visible ones, and 'encoded' is [B, K (+1), width]. None (evaluation): every patch.
   Options for imported peers (defaults are big_vision's SigLIP ViT): activation / norm_eps (see
   `layers.ACTIVATIONS`; CLIP: 'quick_gelu' or 'gelu', 1e-5), patch_bias (CLIP: False), cls_posemb (the position
   table has a first row for the 'tok' class token, as CLIP; default: the class token gets no position),
@@ -82,7 +86,7 @@ class ViT(nn.Module):
   pixel_std: Sequence[float] | None = None
 
   @nn.compact
-  def __call__(self, image, train: bool = False):
+  def __call__(self, image, train: bool = False, keep=None):
     del train
     if (self.pixel_mean is None) != (self.pixel_std is None):
       raise ValueError('ViT pixel_mean and pixel_std must be set together (or neither)')
@@ -105,10 +109,20 @@ class ViT(nn.Module):
                         (num_pos, width), self.param_dtype)
     if not self.cls_posemb:
       x = layers.add_position_embedding(x, posemb.astype(self.dtype))
+    elif keep is not None:  # The patches' positions before they are dropped; the class token's below.
+      x = layers.add_position_embedding(x, posemb[1:].astype(self.dtype))
+    if keep is not None:
+      if keep.ndim != 2 or keep.shape[0] != batch or keep.shape[1] > h * w:
+        raise ValueError(f'ViT keep must be [batch={batch}, K <= {h * w} patches], got {keep.shape}')
+      # Indices come from the objective's prepare, drawn in [0, h * w): no bounds handling in the gather.
+      x = jnp.take_along_axis(x, keep.astype(jnp.int32)[:, :, None], axis=1, mode='promise_in_bounds')  # [B, K, D]
     if self.pool_type == 'tok':
       cls = self.param('cls', layers.partitioned(layers.zeros, ('embed',)), (width,), self.param_dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
-    if self.cls_posemb:
+      cls = cls.astype(self.dtype)
+      if self.cls_posemb and keep is not None:
+        cls = cls + posemb[0].astype(self.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), x], axis=1)
+    if self.cls_posemb and keep is None:
       x = layers.add_position_embedding(x, posemb.astype(self.dtype))  # [B, 1 + tokens, D]
     if self.ln_pre:
       x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)

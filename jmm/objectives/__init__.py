@@ -17,6 +17,15 @@ An objective is one module: a file in `jmm/objectives/` (named by its file name)
       Optional. Per-step inputs drawn from `key` (a typed PRNG key derived from the train state's key and the
       step, so a resumed run draws the same ones): masks, mask ratios. The dict is merged into the batch before
       the model runs, so model options can read it. Inside jit: `step` is a traced int32 scalar.
+  phases(config, total_steps) -> tuple[int, ...]
+      Optional. The steps (counted as `prepare`'s `step`, the steps done before) from which `prepare` returns
+      arrays of other shapes, e.g. FLIP's unmasked last steps (`jmm/objectives/flip.py`). Shapes are part of the
+      compiled program, so the loop compiles one training step per phase (`phase_at`) and `prepare` then gets
+      `phase=` as a keyword: how many of its boundaries the step has reached (a Python int, 0 in the first phase).
+      The phase is a function of the step, so a resumed run compiles the program the uninterrupted one ran.
+  check_model(model_config, config) -> None
+      Optional. Cross-checks the objective's section against `config.model` (e.g. FLIP's patch grid is the
+      image tower's); raises ConfigError naming the field.
 
 `config.objectives` maps names to sections, `{name: {type, weight, ...}}`: `type` names the module (default:
 the entry's name), `weight` (default 1.0) multiplies its loss. The step minimises the weighted sum, logged as
@@ -69,11 +78,13 @@ def validate(config) -> list[Term]:
   """Loads the terms and runs each module's own `validate` on its section; returns the terms."""
   terms = load(config)
   for term in terms:
-    if hasattr(term.module, 'validate'):
-      try:
+    try:
+      if hasattr(term.module, 'validate'):
         term.module.validate(term.config)
-      except ConfigError as e:
-        raise ConfigError(f'config.objectives.{term.name}: {e}') from None
+      if hasattr(term.module, 'check_model'):
+        term.module.check_model(config.model, term.config)
+    except ConfigError as e:
+      raise ConfigError(f'config.objectives.{term.name}: {e}') from None
   return terms
 
 
@@ -96,12 +107,25 @@ def check_batch_fields(terms, available) -> None:
                           f'(config.data.name) does not provide; it yields {sorted(available)}')
 
 
-def prepare(terms, step, key, batch: dict) -> dict:
-  """The batch with every term's per-step inputs merged in; term i draws from fold_in(key, i)."""
+def phase_at(terms, step: int, total_steps: int) -> tuple[int, ...]:
+  """Per term, how many of its `phases` boundaries `step` (steps done) has reached; 0 for terms without phases.
+
+  The static part of the training step: the loop compiles one program per distinct value (`jmm.step`).
+  """
+  return tuple(sum(step >= b for b in term.module.phases(term.config, total_steps))
+               if hasattr(term.module, 'phases') else 0 for term in terms)
+
+
+def prepare(terms, step, key, batch: dict, phase: tuple[int, ...] | None = None) -> dict:
+  """The batch with every term's per-step inputs merged in; term i draws from fold_in(key, i).
+
+  phase: `phase_at` of this step (None: every term's first phase); terms with `phases` get theirs as `phase=`.
+  """
   batch = dict(batch)
   for i, term in enumerate(terms):
     if hasattr(term.module, 'prepare'):
-      batch.update(term.module.prepare(step, jax.random.fold_in(key, i), batch, term.config))
+      kw = {'phase': phase[i] if phase else 0} if hasattr(term.module, 'phases') else {}
+      batch.update(term.module.prepare(step, jax.random.fold_in(key, i), batch, term.config, **kw))
   return batch
 
 
