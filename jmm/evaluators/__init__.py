@@ -29,6 +29,9 @@ WebDataset member such as KEY.cls, a key of the ArrayRecord msgpack map, a TFDS 
 column); see `file_data`.
 Plus, per eval: batch_size (256), text_len (16) and dims (()): prefix widths at which the evaluator runs again on
 embeddings cut to their first d coordinates and re-normalised, keys suffixed '@d' (`common.evaluate_at_dims`).
+similarity ('global'): 'filip' on zeroshot / synthetic_zeroshot / retrieval makes the embedding functions return
+the FILIP head's token embeddings ([N, T, D], text padding as zero rows; `run.token_embed_fns`), which these
+evaluators score with FILIP's late interaction through `common.similarities` (docs/evaluation.md).
 
   zeroshot            generic: class_names (a list or a text file, one per line; label i is class_names[i]; may
                       be left unset only on data that names its classes itself: the synthetic data, a folder),

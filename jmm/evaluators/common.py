@@ -397,6 +397,39 @@ def load_file_data(data: dict, fields: Sequence[str], label_key: str = 'label') 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Scores: the global embeddings' cosine, or FILIP's token-wise late interaction (an eval's similarity='filip').
+# ----------------------------------------------------------------------------------------------------------
+TOKEN_BLOCK = 1 << 24  # Token-pair similarities (float32) scored at a time on the host: 64 MB.
+
+
+def similarities(image_emb, text_emb) -> tuple[np.ndarray, np.ndarray]:
+  """(i2t, t2i) scores [N, M] of images against texts, each direction's own.
+
+  Global embeddings [N, D] and [M, D]: both are the cosine similarities. Token embeddings (the FILIP head's, an
+  eval with similarity='filip': `run.token_embed_fns`) [N, T, D] and [M, L, D], padding tokens as zero rows:
+  FILIP's late interaction (`jmm.models.filip_head.late_interaction`, the objective's function), i2t for
+  image->text ranking and t2i for text->image. Scored in blocks of images and texts holding about TOKEN_BLOCK
+  token pairs; the token embeddings themselves are held whole on the host (N x T x D + M x L x D floats).
+  """
+  image_emb, text_emb = np.asarray(image_emb, np.float32), np.asarray(text_emb, np.float32)
+  if image_emb.ndim == 2 and text_emb.ndim == 2:
+    sims = image_emb @ text_emb.T
+    return sims, sims
+  if image_emb.ndim != 3 or text_emb.ndim != 3:
+    raise ValueError(f'image and text embeddings must both be [N, D] or both token embeddings [N, T, D], got '
+                     f'{image_emb.shape} and {text_emb.shape}')
+  import jax  # pylint: disable=g-import-not-at-top  (token scores only)
+  from jmm.models import filip_head  # pylint: disable=g-import-not-at-top
+  score = jax.jit(filip_head.late_interaction, static_argnames='chunk')
+  mask = np.any(text_emb != 0, axis=-1)  # [M, L] real tokens (unit rows); padding rows are zero.
+  pairs = image_emb.shape[1] * text_emb.shape[1]
+  rows = max(1, min(len(image_emb), TOKEN_BLOCK // (pairs * len(text_emb))))
+  blocks = [score(image_emb[i:i + rows], text_emb, mask, chunk=max(1, TOKEN_BLOCK // (pairs * rows)))
+            for i in range(0, len(image_emb), rows)]
+  return tuple(np.concatenate([np.asarray(b[k]) for b in blocks]) for k in (0, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Evaluating at embedding prefixes (Matryoshka representations, Kusupati et al. 2022): an eval entry's `dims`.
 # ----------------------------------------------------------------------------------------------------------
 def eval_dims(config, prefix: str = '', width: int | None = None) -> tuple[int, ...]:

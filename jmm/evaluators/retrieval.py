@@ -32,14 +32,13 @@ def recall_at_k(image_emb, text_emb, text_to_image, ks: Sequence[int] = DEFAULT_
   """Recall@K for image->text ('i2t_r{k}') and text->image ('t2i_r{k}') retrieval by cosine similarity.
 
   image_emb [N, D] and text_emb [M, D] are L2-normalised; text_to_image [M] gives the image each caption
-  belongs to (an image may have several). An image query is correct at K if any of its own captions is among
+  belongs to (an image may have several). Token embeddings [N, T, D] / [M, L, D] (similarity='filip') rank
+  images' texts by FILIP's i2t score and texts' images by its t2i score (`common.similarities`). An image query is correct at K if any of its own captions is among
   its K most similar texts; a text query if its own image is among the K most similar images. Ties are
   broken towards the lower index (stable sort). Every image must have at least one caption.
   """
-  image_emb = np.asarray(image_emb, np.float32)
-  text_emb = np.asarray(text_emb, np.float32)
   text_to_image = np.asarray(text_to_image)
-  n, m = image_emb.shape[0], text_emb.shape[0]
+  n, m = len(image_emb), len(text_emb)
   if text_to_image.shape != (m,):
     raise ValueError(f'text_to_image must be [{m}] (one image index per text), got {text_to_image.shape}')
   if m and (text_to_image.min() < 0 or text_to_image.max() >= n):
@@ -47,10 +46,10 @@ def recall_at_k(image_emb, text_emb, text_to_image, ks: Sequence[int] = DEFAULT_
   if np.any(np.bincount(text_to_image, minlength=n) == 0):
     raise ValueError('every image needs at least one caption for image->text recall')
 
-  sims = image_emb @ text_emb.T  # [N, M]
-  i2t_order = np.argsort(-sims, axis=1, kind='stable')  # [N, M] text indices, best first
+  i2t, t2i = common.similarities(image_emb, text_emb)  # [N, M] each; one matrix for global embeddings.
+  i2t_order = np.argsort(-i2t, axis=1, kind='stable')  # [N, M] text indices, best first
   i2t_rank = _first_hit_rank(i2t_order, lambda o: text_to_image[o] == np.arange(n)[:, None])  # [N]
-  t2i_order = np.argsort(-sims.T, axis=1, kind='stable')  # [M, N] image indices, best first
+  t2i_order = np.argsort(-t2i.T, axis=1, kind='stable')  # [M, N] image indices, best first
   t2i_rank = _first_hit_rank(t2i_order, lambda o: o == text_to_image[:, None])  # [M]
 
   metrics = {}

@@ -5,7 +5,10 @@ a dotted module path) with `evaluate(embed_images, embed_texts, tokenizer, confi
 optionally `validate(config)`; `every` is the interval in steps (0: only at the end of training; -1: never, e.g.
 `--config.evals.linear_probe.every=-1` turns one off from the command line); `dims` (any entry, e.g. (16, 32, 64))
 also evaluates the embeddings cut to those prefix widths and re-normalised, metric keys suffixed '@16' ...
-(Matryoshka representations; `common.evaluate_at_dims`).
+(Matryoshka representations; `common.evaluate_at_dims`); `similarity` ('global' default | 'filip', for
+zeroshot, synthetic_zeroshot and retrieval) scores with FILIP's token-wise late interaction instead of the global
+embeddings' cosine: the embedding functions then return the FILIP head's token embeddings (`token_embed_fns`;
+`head`, default 'filip', names it), and the evaluator's scores come from `common.similarities`.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def validate(config) -> None:
     common.eval_dims(ev, f'config.evals.{name}.', out_dim if isinstance(out_dim, int) else None)
     if not hasattr(module, 'evaluate'):
       raise ConfigError(f'config.evals.{name}: {module.__name__} has no evaluate()')
+    _validate_similarity(config, name, ev, module)
     if hasattr(module, 'validate'):
       try:
         module.validate(ev)
@@ -45,11 +49,37 @@ def validate(config) -> None:
         raise ConfigError(f'config.evals.{name}: {e}') from None
 
 
+SIMILARITIES = ('global', 'filip')
+TOKENWISE = ('zeroshot', 'synthetic_zeroshot', 'retrieval')  # Evaluators that score through common.similarities.
+
+
+def _validate_similarity(config, name, ev, module) -> None:
+  """`similarity`: 'global' or 'filip'; 'filip' needs a token-wise evaluator, no dims, and the FILIP head."""
+  similarity = ev.get('similarity', 'global') or 'global'
+  where = f'config.evals.{name}.'
+  if similarity not in SIMILARITIES:
+    raise ConfigError(f'{where}similarity={similarity!r} is not one of {list(SIMILARITIES)}')
+  if similarity == 'global':
+    return
+  if module.__name__.rsplit('.', 1)[-1] not in TOKENWISE:
+    raise ConfigError(f'{where}similarity={similarity!r}: {module.__name__} scores global embeddings only; '
+                      f'token-wise scoring is for {list(TOKENWISE)}')
+  if ev.get('dims'):
+    raise ConfigError(f'{where}dims={tuple(ev.get("dims"))}: prefix widths are for global embeddings, not with '
+                      f'similarity={similarity!r}')
+  head = ev.get('head', 'filip') or 'filip'
+  heads = (config.get('model') or {}).get('heads') or {}
+  if head not in heads or not str(heads[head].get('type', '')).endswith('filip_head'):
+    raise ConfigError(f"{where}similarity='filip' reads the FILIP head {head!r} ({where}head), which "
+                      f"config.model.heads does not hold (heads: {sorted(heads)})")
+
+
 class EmbedFns(NamedTuple):
   """Jitted (params, images) -> zimg and (params, tokens) -> ztxt, and the mesh their inputs are split over."""
   image: Callable
   text: Callable
   mesh: Any = None
+  tokens: Any = None  # {head name: EmbedFns of its token embeddings} for the model's FILIP heads.
 
 
 def make_embed_fns(model, mesh=None) -> EmbedFns:
@@ -61,7 +91,23 @@ def make_embed_fns(model, mesh=None) -> EmbedFns:
   out = {} if mesh is None else {'out_shardings': parallel.replicated(mesh)}
   img_fn = jax.jit(lambda p, x: model_build.apply(model, p, {'image': x})['zimg'], **out)
   txt_fn = jax.jit(lambda p, t: model_build.apply(model, p, {'text': t})['ztxt'], **out)
-  return EmbedFns(img_fn, txt_fn, mesh)
+  heads = getattr(model, 'heads', None) or {}
+  tokens = {name: token_embed_fns(model, name, mesh) for name, head in heads.items()
+            if str(head.get('type', '')).endswith('filip_head')}  # Jitted lazily: compiled when first used.
+  return EmbedFns(img_fn, txt_fn, mesh, tokens)
+
+
+def token_embed_fns(model, head: str = 'filip', mesh=None) -> EmbedFns:
+  """Embedding functions returning the FILIP head `head`'s token embeddings: images [N, T, D], texts [N, L, D]
+  with the padding tokens' rows set to zero (how the host side knows the mask: real tokens are unit vectors)."""
+  out = {} if mesh is None else {'out_shardings': parallel.replicated(mesh)}
+
+  def texts(p, t):
+    tokens = model_build.apply(model, p, {'text': t})[head]
+    return tokens['ztxt_tokens'] * tokens['txt_mask'][..., None]
+
+  img_fn = jax.jit(lambda p, x: model_build.apply(model, p, {'image': x})[head]['zimg_tokens'], **out)
+  return EmbedFns(img_fn, jax.jit(texts, **out), mesh)
 
 
 class Progress:
@@ -124,7 +170,13 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
     if every < 0 or (step is not None and (not every or step % every)):
       continue
     start = time.perf_counter()
-    embed_images, embed_texts = host_embed_fns(embed_fns, params, Progress(name))
+    fns = embed_fns
+    if (ev.get('similarity', 'global') or 'global') == 'filip':
+      head = ev.get('head', 'filip') or 'filip'
+      if head not in (embed_fns.tokens or {}):
+        raise ConfigError(f"config.evals.{name}.similarity='filip': the model has no FILIP head {head!r}")
+      fns = embed_fns.tokens[head]
+    embed_images, embed_texts = host_embed_fns(fns, params, Progress(name))
     # `dims`: also at embedding prefixes, keys suffixed '@d' (common.evaluate_at_dims; every evaluator gets it).
     results = common.evaluate_at_dims(_module(name, ev).evaluate, embed_images, embed_texts, tokenizer, ev,
                                       f'config.evals.{name}.')

@@ -62,14 +62,26 @@ def embed_classes(embed_texts: Callable, tokenizer, class_names: Sequence[str], 
   """Class embeddings [classes, D]: every template filled with every class name, embedded and ensembled.
 
   Prompts are embedded class-major ([C * T] = class 0 with every template, then class 1, ...).
+  Token embeddings (similarity='filip': [C * T, L, D]) cannot be averaged into one text: they come back as
+  [C, T, L, D], and `zeroshot_logits` averages each class's late-interaction scores over its templates instead.
   """
   prompts = [t.format(name) for name in class_names for t in templates]  # class-major: [C * T]
   prompt_emb = common.embed_texts_in_batches(embed_texts, tokenizer, prompts, text_len, batch_size)
+  if prompt_emb.ndim == 3:
+    return prompt_emb.reshape(len(class_names), len(templates), *prompt_emb.shape[1:])  # [C, T, L, D]
   return class_embeddings(prompt_emb.reshape(len(class_names), len(templates), -1))  # [C, T, D] -> [C, D]
 
 
 def zeroshot_logits(image_emb, class_emb) -> np.ndarray:
-  """Cosine similarities [N, classes] between image embeddings [N, D] and class embeddings [classes, D]."""
+  """Cosine similarities [N, classes] between image embeddings [N, D] and class embeddings [classes, D].
+
+  FILIP (token embeddings: images [N, T', D], prompts [classes, templates, L, D]): each class's score is the
+  mean over its templates of FILIP's image->text late-interaction score (`common.similarities`' i2t).
+  """
+  if np.ndim(class_emb) == 4:
+    classes, templates = class_emb.shape[:2]
+    i2t, _ = common.similarities(image_emb, np.reshape(class_emb, (classes * templates, *class_emb.shape[2:])))
+    return i2t.reshape(len(i2t), classes, templates).mean(axis=2)  # [N, classes]
   return np.asarray(image_emb, np.float32) @ np.asarray(class_emb, np.float32).T
 
 
