@@ -23,15 +23,23 @@ from ml_collections import config_flags
 
 from jmm import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config: the one the checkpoint was trained with, or an '
-                                          'evaluation config from configs/eval/.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir holding checkpoints/ (and tokenizer.model); optional '
-                               'when config.init_from names the weights.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).')
-_OUT = flags.DEFINE_string('out', None, 'Where to write the results JSON (default: WORKDIR/eval_STEP.json).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process index.')
+# Flags are defined only when this module runs as the program (`_define_flags`), so tests and scripts can import
+# `evaluate_checkpoint` beside other absl programs' flags (--out, --config...) without a DuplicateFlagError.
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+  _FLAGS['config'] = config_flags.DEFINE_config_file(
+      'config', None, 'Config: the one the checkpoint was trained with, or an evaluation config from configs/eval/.',
+      lock_config=True)
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None, 'Workdir holding checkpoints/ (and tokenizer.model); '
+                                          'optional when config.init_from names the weights.')
+  _FLAGS['step'] = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).')
+  _FLAGS['out'] = flags.DEFINE_string('out', None, 'Where to write the results JSON (default: WORKDIR/eval_STEP.json).')
+  _FLAGS['coordinator_address'] = flags.DEFINE_string('coordinator_address', None,
+                                                      'Multi-process: host:port of process 0.')
+  _FLAGS['num_processes'] = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many processes.')
+  _FLAGS['process_id'] = flags.DEFINE_integer('process_id', None, 'Multi-process: this process index.')
 
 
 def _has_checkpoints(workdir: str | None) -> bool:
@@ -133,20 +141,21 @@ def main(argv) -> None:
   from jmm import errors
   from jmm import metrics
   from jmm import parallel
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  value = {name: flag.value for name, flag in _FLAGS.items()}
+  if value['coordinator_address'] or value['num_processes']:
+    parallel.initialize_distributed(value['coordinator_address'], value['num_processes'], value['process_id'])
   metrics.quiet_library_logs()
-  workdir = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else None
-  if not workdir and not _OUT.value:
+  workdir = os.path.abspath(value['workdir']) if value['workdir'] else None
+  if not workdir and not value['out']:
     sys.exit('error: give --out=RESULTS.json (or --workdir=DIR to write DIR/eval_STEP.json)')
   try:
-    results = evaluate_checkpoint(_CONFIG.value, workdir, _STEP.value)
+    results = evaluate_checkpoint(value['config'], workdir, value['step'])
   except errors.USER_ERRORS as e:
     sys.exit(f'error: {e}')
   if jax.process_index():
     return
   print(format_table(results))
-  path = _OUT.value or os.path.join(workdir, f'eval_{results["step"]}.json')
+  path = value['out'] or os.path.join(workdir, f'eval_{results["step"]}.json')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
@@ -156,5 +165,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main, flags_parser=config_lib.parse_flags)  # Bad flags: one error line, no traceback.
