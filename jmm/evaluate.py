@@ -75,11 +75,8 @@ def evaluate_checkpoint(config, workdir: str | None = None, step: int | None = N
   mesh = mesh or parallel.make_mesh('data=-1')
   abstract, _ = model_build.abstract_params(model, data_build.batch_spec(config), config.get('seed', 0))
   if from_checkpoint:
-    latest = _latest(workdir)
-    step = latest if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no complete checkpoint in {workdir}/checkpoints')
-    params = convert.load_init_params(workdir, abstract) if step == latest else _params_at(workdir, step, abstract)
+    params, step = convert.read_workdir_params(workdir, abstract, step=step)
+    params = convert.match_params(convert.flatten(params), abstract, f'{workdir} step {step}')
   else:
     params = convert.load_init_params(config.init_from, abstract)
     step = -1
@@ -90,35 +87,6 @@ def evaluate_checkpoint(config, workdir: str | None = None, step: int | None = N
   results = {k: metrics_lib.to_python(v) for k, v in results.items()}
   results['step'] = int(step)
   return results
-
-
-def _latest(workdir: str) -> int | None:
-  from jmm import checkpoint as ckpt_lib
-  checkpointer = ckpt_lib.Checkpointer(workdir, use_async=False)
-  try:
-    return checkpointer.latest_step()
-  finally:
-    checkpointer.close()
-
-
-def _params_at(workdir: str, step: int, abstract) -> dict:
-  """Params of the checkpoint at `step` (not the newest), restored on one device as numpy."""
-  import jax
-  import orbax.checkpoint as ocp
-  from jmm import checkpoint as ckpt_lib
-  from jmm import convert
-  checkpointer = ckpt_lib.Checkpointer(workdir, use_async=False)
-  try:
-    meta = checkpointer.manager.item_metadata(step)['state']
-    meta = getattr(meta, 'tree', meta)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, 'shape', ()) or ()), m.dtype, sharding=device), meta)
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  finally:
-    checkpointer.close()
-  flat = convert.flatten(jax.tree.map(lambda x: jax.device_get(x), restored['state']['params']))
-  return convert.match_params(flat, abstract, f'{workdir} step {step}')
 
 
 def format_table(results: dict) -> str:

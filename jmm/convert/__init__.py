@@ -112,8 +112,8 @@ def select(flat: dict, only) -> dict:
   return flat if only is None else {k: v for k, v in flat.items() if k.split('/', 1)[0] in only}
 
 
-def read_workdir_params(workdir: str, params=None, only=None) -> dict:
-  """Params (only) of the latest checkpoint in a jmm workdir, as numpy on the host.
+def read_workdir_params(workdir: str, params=None, only=None, step: int | None = None) -> tuple[dict, int]:
+  """(params (only) of the checkpoint at `step` (default: the latest) in a jmm workdir as numpy on the host, step).
 
   With `params` (the model's tree), names and shapes are checked against it from the checkpoint's metadata
   before any bytes are read; `only` (top-level names) limits that check to those subtrees. The whole saved state
@@ -125,7 +125,7 @@ def read_workdir_params(workdir: str, params=None, only=None) -> dict:
   from jmm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ck = ckpt_lib.Checkpointer(workdir, use_async=False)
   try:
-    step = ck.latest_step()
+    step = ck.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{workdir!r}: no checkpoint in {ck.directory}')
     meta = ck.manager.item_metadata(step)['state']
@@ -138,7 +138,7 @@ def read_workdir_params(workdir: str, params=None, only=None) -> dict:
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, 'shape', ()) or ()), m.dtype, sharding=device), meta)
     restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return jax.tree.map(np.asarray, restored['state']['params'])
+    return jax.tree.map(np.asarray, restored['state']['params']), int(step)
   finally:
     ck.close()
 
@@ -153,7 +153,7 @@ def load_init_params(path: str, params, only=None):
   """
   path = os.fspath(path)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return match_params(select(flatten(read_workdir_params(path, params, only)), only), params, path)
+    return match_params(select(flatten(read_workdir_params(path, params, only)[0]), only), params, path)
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
     from jmm.convert import hf  # pylint: disable=g-import-not-at-top
     _, flat = hf.load(path)

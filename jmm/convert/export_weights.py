@@ -46,7 +46,7 @@ def read_workdir(workdir: str) -> tuple[dict, dict]:
   """(spec, flat params) of the latest checkpoint in a jmm workdir (its config.json describes the model)."""
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
-  flat = {k: np.asarray(v) for k, v in convert.flatten(convert.read_workdir_params(workdir)).items()}
+  flat = {k: np.asarray(v) for k, v in convert.flatten(convert.read_workdir_params(workdir)[0]).items()}
   return spec_from_workdir_config(config, flat), flat
 
 
