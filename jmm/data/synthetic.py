@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import colorsys
 import math
+from typing import Sequence
 
 import numpy as np
+
+from jmm.data import hybrid_captions
 
 COLOURS = ('red', 'orange', 'yellow', 'green', 'cyan', 'blue', 'purple', 'pink')
 # Hue in degrees of each colour; at least 25 degrees apart, so the +-6 degree jitter keeps them distinct.
@@ -30,6 +33,29 @@ CLASS_NAMES: list[str] = [f'{c} {s}' for c in COLOURS for s in SHAPES]
 SPLITS = ('train', 'test')
 NEGATIVE_SWAPS = ('shape', 'position')  # Attributes a hard-negative caption may swap (negative_captions).
 DEFAULT_NUM_EXAMPLES = {'train': 1_000_000, 'test': 2_000}
+# Caption styles a `captions` mix may name: the descriptive caption, AltText-like web text, the short phrases.
+CAPTION_STYLES = ('caption', 'alt_text', 'short')
+
+# AltText-like captions (`alt_text`): what web alt text says of such an image. It names the salient object, rarely
+# its size and never where it is; it drops words and mixes up their order; a good part of it is page or file
+# boilerplate. The rates are plausible guesses, not measured on a corpus: noisy enough that alt text alone
+# describes an image worse than the descriptive caption, as in the paper, yet mostly about the right object.
+_ALT_SIZE = 0.25           # P(size word kept): sizes are relative, and alt text seldom bothers with them.
+_ALT_DROP_COLOUR = 0.2     # P(colour word dropped).
+_ALT_DROP_SHAPE = 0.15     # P(shape word dropped); object 0 keeps its shape when its colour is dropped too.
+_ALT_SWAP = 0.2            # P(noun first: 'triangle red'), as in keyword lists and file names.
+_ALT_OTHER_OBJECT = 0.3    # P(an object beyond the first named at all): alt text is about the main subject.
+_ALT_PREFIX = 0.2          # P('image of ...'-style boilerplate first).
+_ALT_SUFFIX = 0.35         # P('... clipart'-style boilerplate last).
+_ALT_NUMBER = 0.15         # P(a number last, as file names and sizes leave them).
+# Few and short: the default tokenizer (128 pieces) then gives each a piece or two, so 98.5% of alt texts fit
+# text_len=12 (a longer one loses its trailing noise); with twice as many fillers 4% did not fit.
+_ALT_PREFIXES = ('image of', 'free', 'img')
+_ALT_SUFFIXES = ('icon', 'clipart', 'jpg', 'png', 'stock photo', 'free', 'img')
+_ALT_NUMBERS = ('1', '2', '3', '10', '2020')
+_ALT_JOINERS = (' ', ', ', ' and ')
+_ALT_GLOBAL_DRAWS = 7      # Uniforms an alt text draws for itself, then _ALT_OBJECT_DRAWS per object slot.
+_ALT_OBJECT_DRAWS = 5
 
 # Nominal extent (fraction of the image side) of each size, and the relative jitter around it. Small objects
 # still span ~10 px at 48 px; large ones (rotated, jittered) still fit inside one cell of the 3x3 grid, which
@@ -112,6 +138,36 @@ def _caption(objects, short: bool = False) -> str:
   return ' and '.join(object_caption(*o) for o in objects)
 
 
+def alt_text(objects, u: Sequence[float]) -> str:
+  """The AltText-like caption of [(colour, shape, size, position)] from uniforms `u` (see the _ALT_ constants).
+
+  `u` holds _ALT_GLOBAL_DRAWS + _ALT_OBJECT_DRAWS * len(objects) (or more) numbers in [0, 1): the same `u`
+  with other objects gives the same noise around other words, which is how a hard negative is made.
+  """
+  pick = lambda options, x: options[int(x * len(options))]
+  names = []
+  for j, (colour, shape, size, _) in enumerate(objects):  # Position: never named.
+    v = u[_ALT_GLOBAL_DRAWS + _ALT_OBJECT_DRAWS * j:]
+    if j and v[0] >= _ALT_OTHER_OBJECT:
+      continue
+    keep_colour, keep_shape = v[2] >= _ALT_DROP_COLOUR, v[3] >= _ALT_DROP_SHAPE
+    if j == 0 and not keep_colour:
+      keep_shape = True  # The main subject is always named by something.
+    adjectives = [SIZES[size]] * (v[1] < _ALT_SIZE) + [COLOURS[colour]] * keep_colour
+    noun = [SHAPES[shape]] * keep_shape
+    words = noun + adjectives if v[4] < _ALT_SWAP else adjectives + noun
+    if words:
+      names.append(' '.join(words))
+  parts = [pick(_ALT_PREFIXES, u[1])] * (u[0] < _ALT_PREFIX) + [pick(_ALT_JOINERS, u[6]).join(names)]
+  parts += [pick(_ALT_SUFFIXES, u[3])] * (u[2] < _ALT_SUFFIX) + [pick(_ALT_NUMBERS, u[5])] * (u[4] < _ALT_NUMBER)
+  return ' '.join(parts)
+
+
+def alt_names_shape(u: Sequence[float]) -> bool:
+  """Whether the alt text drawn from `u` names object 0's shape (else it names its colour)."""
+  return u[_ALT_GLOBAL_DRAWS + 3] >= _ALT_DROP_SHAPE or u[_ALT_GLOBAL_DRAWS + 2] < _ALT_DROP_COLOUR
+
+
 def _sdf(shape: str, u: np.ndarray, v: np.ndarray, s: float) -> np.ndarray:
   """Signed distance (negative inside, units of u/v) of `shape` of extent `s` at shape-frame coordinates.
 
@@ -184,11 +240,21 @@ class SyntheticCaptions:
   captions of one image at different detail). With full captions two examples of a batch rarely share colour,
   size and position, so few in-batch negatives differ by shape alone; a short caption makes every same-colour
   object of the batch such a negative. The choice is drawn after rendering: images do not change.
+
+  captions: hybrid captions (Lai et al. 2024; jmm.data.hybrid_captions), a mapping (or 'name=ratio,...' string)
+  of CAPTION_STYLES to sampling ratios: 'caption' the descriptive caption (short_caption_prob still applies to
+  it), 'alt_text' AltText-like web text ('red triangle clipart', `alt_text`), 'short' the short phrases. Each
+  example's 'caption' is drawn among them by ratio, and it then also carries 'caption_style' (the style drawn)
+  and, when the mix names 'alt_text', 'alt_text'. The hard negative follows the style drawn: for alt text, the
+  same alt text with object 0's shape swapped (its colour when the alt text names no shape); for a short caption,
+  its shape. The style and the alt text come from a stream of their own, a function of (seed, split, index)
+  alone, so images and every other field match the default (None: {'caption': 1}, the descriptive caption
+  alone, which draws no such stream).
   """
 
   def __init__(self, split: str = 'train', *, resolution: int = 32, num_examples: int | None = None,
                seed: int = 0, max_objects: int = 1, short_caption_prob: float = 0.0,
-               negative_captions: tuple[str, ...] = ()):
+               negative_captions: tuple[str, ...] = (), captions: dict[str, float] | str | None = None):
     if split not in SPLITS:
       raise ValueError(f'split={split!r}: expected one of {SPLITS}')
     if resolution < 8:
@@ -201,6 +267,20 @@ class SyntheticCaptions:
       raise ValueError(f'short_caption_prob={short_caption_prob}: must be in [0, 1]')
     self.short_caption_prob = float(short_caption_prob)
     self.negative_captions = parse_swaps(negative_captions)
+    try:
+      self.caption_mix = hybrid_captions.parse(captions) or {'caption': 1.0}
+    except ValueError as e:
+      raise ValueError(f'captions={captions!r}: {e}') from None
+    unknown = sorted(set(self.caption_mix) - set(CAPTION_STYLES))
+    if unknown:
+      raise ValueError(f'captions={captions!r}: unknown caption field(s) {unknown} of the synthetic data; known: '
+                       f'{list(CAPTION_STYLES)}')
+    styles = [(name, ratio) for name, ratio in self.caption_mix.items() if ratio > 0]
+    # The descriptive caption alone (the default) draws nothing more: not even the style stream's generator,
+    # which would cost ~10% of an example's render time.
+    self._plain = [name for name, _ in styles] == ['caption'] and 'alt_text' not in self.caption_mix
+    total = sum(ratio for _, ratio in styles)
+    self._styles = [(name, ratio / total) for name, ratio in styles]
     self.split = split
     self.resolution = int(resolution)
     self.num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else int(num_examples)
@@ -215,7 +295,8 @@ class SyntheticCaptions:
   def __repr__(self) -> str:
     return (f'SyntheticCaptions({self.split!r}, resolution={self.resolution}, '
             f'num_examples={self.num_examples}, seed={self.seed}, max_objects={self.max_objects}, '
-            f'short_caption_prob={self.short_caption_prob}, negative_captions={self.negative_captions})')
+            f'short_caption_prob={self.short_caption_prob}, negative_captions={self.negative_captions}'
+            + ('' if self._plain else f', captions={self.caption_mix}') + ')')
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -228,6 +309,18 @@ class SyntheticCaptions:
   def _rng(self, index: int) -> np.random.Generator:
     # The per-example stream: (seed, split, index) hashed by SeedSequence; no global state.
     return np.random.default_rng((self.seed, self._split_id, index))
+
+  def _style_draws(self, index: int) -> tuple[str, list[float]]:
+    """(the caption style of example `index`, the uniforms of its alt text) from their own stream."""
+    u = hybrid_captions.stream(self.seed, self._split_id, index).random(
+        1 + _ALT_GLOBAL_DRAWS + _ALT_OBJECT_DRAWS * self.max_objects).tolist()
+    style, x = self._styles[-1][0], u[0]
+    for name, p in self._styles:
+      if x < p:
+        style = name
+        break
+      x -= p
+    return style, u[1:]
 
   def _check_index(self, index) -> int:
     index = int(index)
@@ -317,19 +410,32 @@ class SyntheticCaptions:
     colour, shape, size, position = objects[0]
     # Drawn last (and only when asked for), so images and every other field match short_caption_prob=0.
     short = self.short_caption_prob > 0 and rng.random() < self.short_caption_prob
-    caption = _caption(objects, short)
     extra = {}
+    style, alt_u = ('caption', None) if self._plain else self._style_draws(index)
+    if not self._plain:
+      extra['caption_style'] = style
+      if 'alt_text' in self.caption_mix:
+        extra['alt_text'] = alt_text(objects, alt_u)
+    short = short or style == 'short'
+    render = (lambda objs: alt_text(objs, alt_u)) if style == 'alt_text' else (lambda objs: _caption(objs, short))
+    caption = render(objects)
     if self.negative_captions:
-      u = rng.random(2).tolist()
-      swap = 'shape' if short else self.negative_captions[int(u[0] * len(self.negative_captions))]
+      u = rng.random(2).tolist()  # Drawn whatever the style, so the main stream stays as it is.
+      if style == 'alt_text':  # Alt text names no position: swap what it names of object 0.
+        swap = 'shape' if alt_names_shape(alt_u) else 'colour'
+      else:
+        swap = 'shape' if short else self.negative_captions[int(u[0] * len(self.negative_captions))]
       if swap == 'shape':
         others = [s for s in range(len(SHAPES)) if s != shape and (colour, s) in self._combos]
         first = (colour, others[int(u[1] * len(others))], size, position)
+      elif swap == 'colour':  # A colour seen with this shape in 'train', as the shape swap keeps to seen pairs.
+        others = [c for c in range(len(COLOURS)) if c != colour and (c, shape) in self._combos]
+        first = (others[int(u[1] * len(others))], shape, size, position)
       else:
         taken = {o[3] for o in objects}
         others = [p for p in range(len(POSITIONS)) if p not in taken]
         first = (colour, shape, size, others[int(u[1] * len(others))])
-      extra['negative_caption'] = _caption([first, *objects[1:]], short)
+      extra['negative_caption'] = render([first, *objects[1:]])
     return dict(**extra,
         image=image,
         caption=caption,
@@ -342,8 +448,14 @@ class SyntheticCaptions:
     )
 
   def captions(self, n: int) -> list[str]:
-    """The first `n` captions (all if n > len), drawn without rendering: text to train a tokenizer on."""
+    """The first `n` captions (all if n > len), drawn without rendering: text to train a tokenizer on.
+
+    In the `captions` mix's styles, as `__getitem__` draws them (alt text too, so a tokenizer learns its words);
+    short_caption_prob is drawn after rendering, so these are the captions it would leave whole.
+    """
     out = []
     for i in range(min(int(n), self.num_examples)):
-      out.append(_caption(self._attributes(self._rng(i))))
+      objects = self._attributes(self._rng(i))
+      style, alt_u = ('caption', None) if self._plain else self._style_draws(i)
+      out.append(alt_text(objects, alt_u) if style == 'alt_text' else _caption(objects, style == 'short'))
     return out
