@@ -8,6 +8,9 @@ msgpack because it is compact for bytes (no base64), has readers in every langua
 (Flax serialises with it). Files are written with `group_size:1`, so reading one record decompresses only
 that record: what Grain's random access needs (ArrayRecord's own advice for random-access use).
 
+Hybrid captions (`captions`, jmm.data.hybrid_captions): fields are keys of the map ('/' into nested maps), and
+an example's read returns the texts it has as 'caption_choices' for the pipeline to draw from.
+
 Damage is counted, never fatal: a record that is not such a map, lacks a field or whose image does not decode
 is a bad record; a file that cannot be opened or holds no record is a bad shard. Each bad shard stays in the
 index as one placeholder entry whose read raises `BadRecord(kind='shard')`, so it is counted once per epoch.
@@ -22,6 +25,7 @@ import msgpack
 from array_record.python import array_record_data_source
 from array_record.python import array_record_module
 
+from jmm.data import hybrid_captions
 from jmm.data.transforms import BadRecord
 from jmm.data.webdataset import good_captions, expand_paths
 
@@ -95,13 +99,17 @@ def write_records(path: str, records) -> int:
 class ArrayRecordSource:
   """Random access to the msgpack image-caption records of ArrayRecord files (see the module docstring).
 
-  `source[i]` -> {'image': encoded bytes, 'caption': str}, or raises BadRecord.
+  `source[i]` -> {'image': encoded bytes, 'caption': str}, or raises BadRecord. With `captions` (hybrid captions:
+  {key: ratio}; caption_key is then unused) the caption is instead 'caption_choices': [(text, ratio)] of the keys
+  of positive ratio the record has, and a record with none of them is bad.
   """
 
   def __init__(self, paths: str | Sequence[str], *, name: str = 'array_record', image_key: str = 'image',
-               caption_key: str = 'caption', field: str = 'data.paths'):
+               caption_key: str = 'caption', field: str = 'data.paths',
+               captions: dict[str, float] | str | None = None):
     self.name = name
     self.image_key, self.caption_key = image_key, caption_key
+    self.caption_ratios = hybrid_captions.drawn_fields(captions)
     self.paths = expand_paths(paths, field)
     good, self.shard_errors = [], {}
     for path in self.paths:
@@ -141,19 +149,33 @@ class ArrayRecordSource:
       raise BadRecord(f'cannot read record {index}: {type(e).__name__}: {e}') from None
 
   def __getitem__(self, index: int) -> dict:
+    if self.caption_ratios:
+      return self.read(index)[0]
     return decode_record(self._raw(int(index)), self.image_key, self.caption_key)
+
+  def _caption_choices(self, record: dict, index: int) -> list[tuple[str, float]]:
+    return hybrid_captions.choices(self.caption_ratios, lambda key: lookup(record, key), f'record {index}')
 
   def read(self, index: int, keys: Sequence[str] = (), caption: bool = True) -> tuple[dict, dict]:
     """(source[index], {key: raw value}) for other keys of the record's map ('a/b': key b of the map under a),
     such as a class label or a list of captions; BadRecord when a key is absent. caption=False: the example
     holds the image only, and a record without a caption is not bad (classification sets)."""
     record = unpack_record(self._raw(int(index)))
-    if caption:
+    if caption and self.caption_ratios:
+      example = {'image': _image(record, self.image_key),
+                 'caption_choices': self._caption_choices(record, int(index))}
+    elif caption:
       example = _example(record, self.image_key, self.caption_key)
     else:
       example = {'image': _image(record, self.image_key)}
     return example, {k: lookup(record, k) for k in keys}
 
   def captions(self, n: int) -> list[str]:
-    """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on."""
-    return list(itertools.islice(good_captions(self, lambda i: self[i]['caption']), n))
+    """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on (hybrid
+    captions: one drawn per record, from a stream keyed by its index)."""
+    if self.caption_ratios:
+      read = lambda i: hybrid_captions.draw(self._caption_choices(unpack_record(self._raw(i)), i),
+                                            hybrid_captions.stream(i))
+    else:
+      read = lambda i: self[i]['caption']
+    return list(itertools.islice(good_captions(self, read), n))

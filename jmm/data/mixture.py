@@ -5,7 +5,8 @@
     dict(name='laion', type='webdataset', weight=0.7, paths='gs://bucket/laion-{00000..09999}.tar')
     dict(name='cc12m', type='array_record', weight=0.3, paths='/data/cc12m/*.array_record')
 
-each with the single-source fields (paths, image_key, caption_key, tfds_name, split, data_dir) it needs. A
+each with the single-source fields (paths, image_key, caption_key, tfds_name, split, data_dir) it needs, and
+optionally its own hybrid-captions mix `captions` (else config.data.captions; jmm.data.hybrid_captions). A
 source's name keys its bad-record counts in the metrics (`data/bad_records/laion`). Sources are built once
 per process and cached by their fields: the trainer asks for them twice (tokenizer, iterator), and indexing
 tar shards reads every header.
@@ -52,6 +53,7 @@ def build_source(entry, *, kind: str, name: str, split: str = 'train', field: st
   """One source of `kind` from a config entry (ConfigDict or dict); errors name `field`."""
   from jmm.data import array_record, tfds_source, webdataset  # pylint: disable=g-import-not-at-top
   image_key, caption_key = _field(entry, 'image_key'), _field(entry, 'caption_key')
+  captions = _captions(entry, field) or None  # None: the source's one caption (caption_key), as without a mix.
   if kind in ('webdataset', 'array_record') and not _field(entry, 'paths'):
     raise ValueError(f'{field}.paths is empty: data.name={kind!r} needs shard paths or patterns, e.g. '
                      f'--config.data.paths=/data/shards-{{00000..00099}}.tar')
@@ -60,18 +62,30 @@ def build_source(entry, *, kind: str, name: str, split: str = 'train', field: st
     exts = (image_key,) if image_key else webdataset.IMAGE_EXTENSIONS
     return webdataset.WebDatasetSource(_field(entry, 'paths'), name=name, image_extensions=exts,
                                        caption_extension=caption_key or 'txt',
-                                       index_cache=_field(entry, 'index_cache'), field=paths_field)
+                                       index_cache=_field(entry, 'index_cache'), field=paths_field,
+                                       captions=captions)
   if kind == 'array_record':
     return array_record.ArrayRecordSource(_field(entry, 'paths'), name=name, image_key=image_key or 'image',
-                                          caption_key=caption_key or 'caption', field=paths_field)
+                                          caption_key=caption_key or 'caption', field=paths_field,
+                                          captions=captions)
   if kind == 'tfds':
     tfds_name = _field(entry, 'tfds_name')
     if not tfds_name:
       raise ValueError(f'{field}.tfds_name is empty: data.name="tfds" needs a prepared TFDS data set name')
     return tfds_source.TfdsSource(tfds_name, _field(entry, 'split') or split, data_dir=_field(entry, 'data_dir'),
                                   image_key=image_key or 'image', caption_key=caption_key or 'caption',
-                                  source_name=name)
+                                  source_name=name, captions=captions)
   raise ValueError(f'{field}: unknown data source type {kind!r}; known: {list(KINDS)}')
+
+
+def _captions(entry, field: str) -> dict[str, float]:
+  """An entry's hybrid-captions mix ({} when unset); ValueError naming `field`.captions."""
+  from jmm.data import hybrid_captions  # pylint: disable=g-import-not-at-top
+  value = _field(entry, 'captions')
+  try:
+    return hybrid_captions.parse(value)
+  except ValueError as e:
+    raise ValueError(f"{field}.captions={value!r}: {e} (expected e.g. 'txt=0.5,json/alt=0.5')") from None
 
 
 def make_sources(data, split: str = 'train'):
@@ -93,6 +107,8 @@ def make_sources(data, split: str = 'train'):
           raise ValueError(f'{field} is missing {required!r} (has {sorted(entry)})')
       if not float(entry['weight']) > 0:
         raise ValueError(f'{field}.weight must be positive, got {entry["weight"]!r}')
+      if not entry.get('captions'):  # The entry's own mix, else the data's.
+        entry = dict(entry, captions=as_dict.get('captions', ''))
       sources.append(build_source(entry, kind=entry['type'], name=entry['name'], split=split, field=field))
       weights.append(float(entry['weight']))
     names = [s.name for s in sources]
@@ -135,6 +151,7 @@ def validate_data(data) -> None:
   for field, entry, kind in entries:
     if kind not in KINDS:
       raise ValueError(f'{field}.type={kind!r} is not one of {list(KINDS)}')
+    _captions(entry, field)
     if kind in ('webdataset', 'array_record'):
       if not _field(entry, 'paths'):
         raise ValueError(f'{field}.paths is empty: data.name={kind!r} needs shard paths or patterns')

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from jmm.data import hybrid_captions
 from jmm.data import transforms
 
 _UINT32 = 2**32
@@ -159,7 +160,9 @@ class _ReadExample:
   """Grain map_with_index: (position in the stream, source index) -> decoded example, or a bad-record marker.
 
   The augmentation rng is seeded by (seed, source id, position), so an example's crop is a pure function of
-  where it sits in the stream: the same after a resume, different in each epoch.
+  where it sits in the stream: the same after a resume, different in each epoch. So is the caption a source
+  with hybrid captions offers ('caption_choices', jmm.data.hybrid_captions), drawn from a stream of its own
+  keyed by the same numbers, which leaves the augmentation's draws as they are.
   """
 
   def __init__(self, source, transform, seed: int, source_id: int, log_first: int = 5):
@@ -171,6 +174,9 @@ class _ReadExample:
   def __call__(self, position: int, index) -> dict:
     try:
       record = self.source[int(index)]
+      if 'caption_choices' in record:
+        record['caption'] = hybrid_captions.draw(
+            record['caption_choices'], hybrid_captions.stream(self.seed, self.source_id, int(position)))
       caption = record.get('caption')
       if not isinstance(caption, str) or not caption.strip():
         raise transforms.BadRecord(f'example {int(index)}: missing or empty caption')

@@ -10,6 +10,10 @@ worker processes inside the pickled source. Every process indexes every shard (i
 examples); with `index_cache` (a folder, local or fsspec) each shard's index is also saved there as a small
 .npz keyed by the shard's path and size, so later runs and the other processes skip the scan.
 
+Hybrid captions (`captions`, jmm.data.hybrid_captions): fields are members ('txt') or keys of a JSON member
+('json/alt': key 'alt' of KEY.json), and the index then keeps every member they name; an example's read returns
+the texts it has as 'caption_choices' for the pipeline to draw from.
+
 Damage is counted, never fatal: a key without caption or image, a member cut short by a truncated tar, or an
 image that does not decode is a bad *record*; an empty, missing or unparsable shard is a bad *shard*. Both
 stay in the index as entries whose read raises `BadRecord`, so the pipeline meets and counts each exactly once
@@ -21,6 +25,7 @@ import concurrent.futures
 import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import re
@@ -29,6 +34,7 @@ from typing import Iterable, Sequence
 import fsspec
 import numpy as np
 
+from jmm.data import hybrid_captions
 from jmm.data.transforms import BadRecord
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -164,10 +170,29 @@ _ENTRY = np.dtype([('shard', np.int32), ('image_offset', np.int64), ('image_size
                    ('caption_offset', np.int64), ('caption_size', np.int64)])
 
 
-def _index_shard(shard: int, path: str, image_extensions: Sequence[str], caption_extension: str,
+def _entry_dtype(num_captions: int) -> np.dtype:
+  """_ENTRY, plus (captionK_offset, captionK_size) for each caption member K >= 1 (hybrid captions)."""
+  if num_captions <= 1:
+    return _ENTRY
+  return np.dtype(_ENTRY.descr + [(f'caption{k}_{what}', np.int64) for k in range(1, num_captions)
+                                  for what in ('offset', 'size')])
+
+
+def _member_columns(k: int) -> tuple[str, str]:
+  """The index columns (offset, size) of caption member k."""
+  return ('caption_offset', 'caption_size') if k == 0 else (f'caption{k}_offset', f'caption{k}_size')
+
+
+def member_path(field: str) -> tuple[str, list[str]]:
+  """'json/alt' -> ('json', ['alt']): a member extension and the key path into its JSON ('txt' -> ('txt', []))."""
+  ext, *path = field.split('/')
+  return ext.lower().lstrip('.'), path
+
+
+def _index_shard(shard: int, path: str, image_extensions: Sequence[str], caption_extensions: Sequence[str],
                  cache_dir: str = '') -> tuple[np.ndarray, str | None]:
-  """One shard's entries ([examples] of _ENTRY) and its error; from `cache_dir` when indexed there before."""
-  cache_path = _cache_path(cache_dir, path, image_extensions, caption_extension) if cache_dir else None
+  """One shard's entries ([examples] of _entry_dtype) and its error; from `cache_dir` when indexed there before."""
+  cache_path = _cache_path(cache_dir, path, image_extensions, caption_extensions) if cache_dir else None
   if cache_path:
     try:
       with fsspec.open(cache_path, 'rb') as f:
@@ -185,26 +210,29 @@ def _index_shard(shard: int, path: str, image_extensions: Sequence[str], caption
   rows = []
   for parts in groups.values():
     image = next((parts[e] for e in image_extensions if e in parts), (-1, -1))
-    caption = parts.get(caption_extension, (-1, -1))
-    rows.append((shard, image[0], image[1], caption[0], caption[1]))
+    captions = [x for e in caption_extensions for x in parts.get(e, (-1, -1))]
+    rows.append((shard, image[0], image[1], *captions))
   if not rows and error is None:
     error = 'empty shard (no tar members)'
   if error is not None:
-    rows.append((shard, -1, _BAD_SHARD, -1, -1))  # One placeholder: the damage is counted once per epoch.
-  rows = np.array(rows, _ENTRY)
+    # One placeholder: the damage is counted once per epoch.
+    rows.append((shard, -1, _BAD_SHARD) + (-1, -1) * len(caption_extensions))
+  rows = np.array(rows, _entry_dtype(len(caption_extensions)))
   if cache_path and not error:  # Damaged shards are scanned again next time: they may have been repaired.
     _write_atomically(cache_path, rows)
   return rows, error
 
 
-def _cache_path(cache_dir: str, path: str, image_extensions: Sequence[str], caption_extension: str) -> str | None:
+def _cache_path(cache_dir: str, path: str, image_extensions: Sequence[str],
+                caption_extensions: Sequence[str]) -> str | None:
   """Where a shard's index is cached: keyed by its path, size and the member extensions that group it."""
   fs, local = fsspec.core.url_to_fs(path)
   try:
     size = fs.size(local)
   except OSError:
     return None
-  key = hashlib.sha1(f'{path}\0{size}\0{",".join(image_extensions)}\0{caption_extension}'.encode()).hexdigest()
+  key = hashlib.sha1(f'{path}\0{size}\0{",".join(image_extensions)}\0{",".join(caption_extensions)}'.encode())
+  key = key.hexdigest()
   return f'{cache_dir.rstrip("/")}/{os.path.basename(local)}.{key[:16]}.index.npz'
 
 
@@ -224,19 +252,28 @@ def _write_atomically(path: str, rows: np.ndarray) -> None:
 class WebDatasetSource:
   """Random access to image-caption examples in WebDataset tar shards (see the module docstring).
 
-  `source[i]` -> {'image': encoded bytes, 'caption': str, 'key': 'shard.tar/KEY'}, or raises BadRecord.
+  `source[i]` -> {'image': encoded bytes, 'caption': str}, or raises BadRecord. With `captions` (hybrid
+  captions: {field: ratio}, fields as in the module docstring; caption_extension is then unused) the caption is
+  instead 'caption_choices': [(text, ratio)] of the fields of positive ratio the example has, and an example with
+  none of them is a bad record.
   """
 
   def __init__(self, paths: str | Sequence[str], *, name: str = 'webdataset',
                image_extensions: Sequence[str] = IMAGE_EXTENSIONS, caption_extension: str = CAPTION_EXTENSION,
-               index_threads: int = 16, index_cache: str = '', field: str = 'data.paths'):
+               index_threads: int = 16, index_cache: str = '', field: str = 'data.paths',
+               captions: dict[str, float] | str | None = None):
     self.name = name
     self.paths = expand_paths(paths, field)
     self.image_extensions = tuple(e.lower().lstrip('.') for e in image_extensions)
     self.caption_extension = caption_extension.lower().lstrip('.')
+    self.caption_ratios = hybrid_captions.drawn_fields(captions)
+    # The members indexed as captions: the one caption member, or every member the hybrid fields name.
+    self._members = (tuple(dict.fromkeys(member_path(f)[0] for f in self.caption_ratios)) if self.caption_ratios
+                     else (self.caption_extension,))
+    # Members read as JSON: a .json one (as the evaluators read it), or one a field names a key of.
+    self._json_members = {e for e, keys in map(member_path, self.caption_ratios) if keys or e == 'json'}
     with concurrent.futures.ThreadPoolExecutor(max(1, min(index_threads, len(self.paths)))) as pool:
-      results = list(pool.map(lambda a: _index_shard(*a, self.image_extensions, self.caption_extension,
-                                                     index_cache),
+      results = list(pool.map(lambda a: _index_shard(*a, self.image_extensions, self._members, index_cache),
                               enumerate(self.paths)))
     self.shard_errors = {self.paths[i]: err for i, (_, err) in enumerate(results) if err}
     self._index = np.concatenate([rows for rows, _ in results])  # [examples] of _ENTRY
@@ -266,6 +303,8 @@ class WebDatasetSource:
     return entry, path
 
   def __getitem__(self, index: int) -> dict:
+    if self.caption_ratios:
+      return self._hybrid(int(index), image=True)
     entry, path = self._entry(int(index))
     if entry['image_size'] < 0:
       raise BadRecord(f'{path}: example {index} has no image member ({"/".join(self.image_extensions)})')
@@ -283,8 +322,53 @@ class WebDatasetSource:
     caption = data[entry['caption_offset'] - start:entry['caption_offset'] - start + entry['caption_size']]
     return {'image': image, 'caption': _caption(caption, path, index)}
 
+  def _hybrid(self, index: int, image: bool) -> dict:
+    """{'image' (if asked for), 'caption_choices'} of a hybrid-captions example, from one ranged read."""
+    entry, path = self._entry(index)
+    if image and entry['image_size'] < 0:
+      raise BadRecord(f'{path}: example {index} has no image member ({"/".join(self.image_extensions)})')
+    spans = {ext: (int(entry[_member_columns(k)[0]]), int(entry[_member_columns(k)[1]]))
+             for k, ext in enumerate(self._members)}
+    spans = {ext: span for ext, span in spans.items() if span[1] >= 0}
+    wanted = list(spans.values()) + ([(int(entry['image_offset']), int(entry['image_size']))] if image else [])
+    if not spans:
+      raise BadRecord(f'{path}: example {index} has none of the caption members {list(self._members)} '
+                      '(config.data.captions)')
+    start, end = min(o for o, _ in wanted), max(o + n for o, n in wanted)
+    try:
+      data = self._read(path, start, end)
+    except OSError as e:
+      raise BadRecord(f'{path}: cannot read example {index}: {e}') from None
+    if len(data) < end - start:
+      raise BadRecord(f'{path}: example {index} is truncated ({len(data)} of {end - start} bytes)')
+    members: dict[str, object] = {}
+
+    def read(field: str):
+      ext, keys = member_path(field)
+      if ext not in members:
+        offset, size = spans[ext]  # KeyError: the example lacks the member, so the field is not a choice.
+        try:
+          text = bytes(data[offset - start:offset - start + size]).decode('utf-8')
+          members[ext] = json.loads(text) if ext in self._json_members else text
+        except ValueError:  # Not UTF-8, or not JSON: no choice from this member.
+          members[ext] = None
+      value = members[ext]
+      for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+      return value
+
+    out = {'caption_choices': hybrid_captions.choices(self.caption_ratios, read, f'{path}: example {index}')}
+    if image:
+      out['image'] = bytes(data[entry['image_offset'] - start:entry['image_offset'] - start + entry['image_size']])
+    return out
+
   def captions(self, n: int) -> list[str]:
-    """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on."""
+    """Up to `n` captions in index order, bad records skipped: sentences to train a tokenizer on (hybrid
+    captions: one drawn per example, from a stream keyed by its index)."""
+    if self.caption_ratios:
+      read = lambda i: hybrid_captions.draw(self._hybrid(i, image=False)['caption_choices'],
+                                            hybrid_captions.stream(i))
+      return list(itertools.islice(good_captions(self, read), n))
     return list(itertools.islice(good_captions(self, self._caption_only), n))
 
   def _caption_only(self, index: int) -> str:
