@@ -66,6 +66,10 @@ def base_config(arg) -> ml_collections.ConfigDict:
   # it raised zero-shot but the towers then ignore position, and retrieval collapsed (benchmarks/NOTES.md).
   c.data = dict(name=arg.data, resolution=arg.res, max_objects=1, text_len=12, seed=0, short_caption_prob=0.0,
                 negative_captions='')
+  # Hybrid captions (Lai et al. 2024; jmm/data/hybrid_captions.py, configs/hybrid.py): caption fields and their
+  # sampling ratios, one drawn per example, e.g. 'alt_text=0.5,caption=0.5' on the synthetic data or
+  # 'txt=0.5,json/alt=0.5' on WebDataset shards. '' = the one caption (synthetic: the descriptive 'caption').
+  c.data.captions = ''
   # Real data (jmm/data, README "Train on your own data"): name='webdataset' | 'array_record' | 'tfds' |
   # 'mixture'. paths: glob / {000..099} brace patterns, '::'-separated, local or fsspec; keys '' = per-kind
   # defaults (webdataset: jpg/jpeg/png/webp + txt; array_record and tfds: 'image' + 'caption').

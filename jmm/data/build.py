@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jmm.data import hybrid_captions
 from jmm.data import pipeline
 from jmm.data import synthetic
 from jmm.data import tokenizer as tokenizer_lib
@@ -36,12 +37,27 @@ def validate(config) -> None:
         f'config.data.negative_captions={negatives!r} / short_caption_prob={prob} are synthetic-data caption '
         f'augmentations, but data.name={data.name!r}: name the data in the config argument '
         f'(configs/siglip.py:data={data.name}), which leaves them off, or set both off')
+  check_captions(data.get('captions', ''), 'data.captions', synthetic_data=data.name == 'synthetic')
   if data.name != 'synthetic':
     from jmm.data import mixture  # pylint: disable=g-import-not-at-top  (file sources only when asked for)
     try:
       mixture.validate_data(data)
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(str(e)) from None
+
+
+def check_captions(value, field: str, synthetic_data: bool) -> dict[str, float]:
+  """A hybrid-captions mix (`config.<field>`, jmm.data.hybrid_captions) -> {name: ratio}; ConfigError naming
+  the field when it does not parse, or names a caption style the synthetic data lacks."""
+  try:
+    ratios = hybrid_captions.parse(value)
+  except ValueError as e:
+    raise ConfigError(f"config.{field}={value!r}: {e} (expected e.g. 'alt_text=0.5,caption=0.5')") from None
+  unknown = sorted(set(ratios) - set(synthetic.CAPTION_STYLES)) if synthetic_data else []
+  if unknown:
+    raise ConfigError(f'config.{field}={value!r}: the synthetic data has no caption field {unknown[0]!r}; its '
+                      f'fields: {list(synthetic.CAPTION_STYLES)}')
+  return ratios
 
 
 def make_source(config, split: str = 'train'):
@@ -51,7 +67,8 @@ def make_source(config, split: str = 'train'):
     return synthetic.SyntheticCaptions(split, resolution=data.resolution, seed=data.seed,
                                        max_objects=data.max_objects,
                                        short_caption_prob=data.get('short_caption_prob', 0.0),
-                                       negative_captions=data.get('negative_captions', ''))
+                                       negative_captions=data.get('negative_captions', ''),
+                                       captions=data.get('captions', '') or None)
   from jmm.data import mixture  # pylint: disable=g-import-not-at-top
   try:
     return mixture.make_sources(data, split)

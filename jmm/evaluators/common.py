@@ -216,6 +216,9 @@ def validate_data(data, field: str = 'data', prefix: str = '') -> None:
     if not isinstance(captions_key, str) or not captions_key.strip('/'):
       raise ConfigError(f'{where}.captions_key must be a non-empty string (a member, key or feature holding a '
                         f'list of captions), got {captions_key!r}')
+  if data.get('captions'):  # Evaluation reads the same captions whatever the training mix: runs stay comparable.
+    raise ConfigError(f'{where}.captions={data["captions"]!r}: hybrid captions are for the training data '
+                      '(config.data.captions); an eval reads caption_key (or captions_key lists), so remove it')
   if name == 'synthetic':
     from jmm.data import synthetic  # pylint: disable=g-import-not-at-top
     if data['split'] not in synthetic.SPLITS:
