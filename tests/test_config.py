@@ -30,11 +30,11 @@ def test_parse_arg_types_and_errors():
     config_lib.parse_arg('B/16', img='tiny')
 
 
-@pytest.mark.parametrize('name', ['siglip', 'clip', 'clip_up'])
+@pytest.mark.parametrize('name', ['siglip', 'clip', 'clip_up', 'hybrid'])
 def test_shipped_configs_validate(name):
   config = _load(name)
   terms = validation.validate(config)
-  want = {'siglip': ['sigmoid'], 'clip': ['softmax'], 'clip_up': ['sigmoid', 'moe']}[name]
+  want = {'siglip': ['sigmoid'], 'clip': ['softmax'], 'clip_up': ['sigmoid', 'moe'], 'hybrid': ['sigmoid']}[name]
   assert sorted(t.config.get('loss', t.name) for t in terms) == sorted(want)
   big = _load(name, 'img=B/16,txt=B,res=224')
   validation.validate(big)
