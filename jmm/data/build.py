@@ -93,6 +93,8 @@ def batch_fields(config) -> tuple[str, ...]:
                                         negative_captions=config.data.get('negative_captions', ''))[0]
   fields = {pipeline.TEXT_FIELDS.get(k, k) for k, v in example.items() if k in pipeline.TEXT_FIELDS or
             not isinstance(v, str) and not (isinstance(v, (list, tuple)) and v and isinstance(v[0], str))}
+  if 'phrases' in example:
+    fields.update(pipeline.REGION_FIELDS)
   return tuple(sorted(fields))
 
 

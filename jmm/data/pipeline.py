@@ -40,12 +40,14 @@ def stack_examples(examples: Sequence[dict]) -> dict[str, Any]:
 
 
 # Caption fields a source may hold -> the token field of the batch ('negative_caption': jmm.data.synthetic's
-# hard negatives, read by the contrastive objective's hard_negatives option).
+# hard negatives, read by the contrastive objective's hard_negatives option). A source's 'phrases' (one per
+# box, '' for padding) become 'text_regions' int32 [B, R, text_len] and 'region_valid' bool [B, R] (CLOC).
 TEXT_FIELDS = {'caption': 'text', 'negative_caption': 'text_neg'}
+REGION_FIELDS = ('text_regions', 'region_valid')
 
 
 class _ReadBatch:
-  """Grain map: a batch of source indices -> the decoded batch (images in [-1, 1], tokens; strings dropped).
+  """Grain map: a batch of source indices -> the decoded batch (images in [-1, 1], tokens; other strings dropped).
 
   A class rather than a closure so the pipeline pickles (Grain worker processes) with source and tokenizer.
   """
@@ -64,6 +66,12 @@ class _ReadBatch:
         out['image'] = np.asarray(value, np.float32) / 127.5 - 1.0  # [B, H, W, 3]
       elif key in TEXT_FIELDS:
         out[TEXT_FIELDS[key]] = self.tokenizer.encode(value, self.text_len)  # [B, text_len] int32
+      elif key == 'phrases':  # Per-object phrases, '' past the last object: region labels (CLOC).
+        flat = [p for phrases in value for p in phrases]
+        rows, regions = len(value), len(value[0])
+        tokens = self.tokenizer.encode(flat, self.text_len)  # [B * R, text_len]
+        out['text_regions'] = np.asarray(tokens, np.int32).reshape(rows, regions, self.text_len)
+        out['region_valid'] = np.array([[bool(p) for p in phrases] for phrases in value])  # [B, R]
       elif isinstance(value, list):
         continue  # Other string fields (phrases) have no numeric form for the model.
       elif value.dtype.kind == 'f':

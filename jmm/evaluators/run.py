@@ -22,6 +22,7 @@ from jmm import config as config_lib
 from jmm import parallel
 from jmm.errors import ConfigError
 from jmm.evaluators import common
+from jmm.evaluators import region_embeddings
 from jmm.models import build as model_build
 
 
@@ -80,6 +81,9 @@ class EmbedFns(NamedTuple):
   text: Callable
   mesh: Any = None
   tokens: Any = None  # {head name: EmbedFns of its token embeddings} for the model's FILIP heads.
+  # {method: jitted (params, images, boxes [N, R, 4]) -> region embeddings [N, R, D]}: 'pooled' (the image tower's
+  # tokens averaged inside each box, through its head: `regions.pooled_region_fn`) and each CLOC head's Prompter.
+  regions: Any = None
 
 
 def make_embed_fns(model, mesh=None) -> EmbedFns:
@@ -94,7 +98,11 @@ def make_embed_fns(model, mesh=None) -> EmbedFns:
   heads = getattr(model, 'heads', None) or {}
   tokens = {name: token_embed_fns(model, name, mesh) for name, head in heads.items()
             if str(head.get('type', '')).endswith('filip_head')}  # Jitted lazily: compiled when first used.
-  return EmbedFns(img_fn, txt_fn, mesh, tokens)
+  regions = {'pooled': jax.jit(region_embeddings.pooled_region_fn(model), **out)}
+  for name, head in heads.items():
+    if str(head.get('type', '')).endswith('cloc_head'):
+      regions[name] = jax.jit(region_embeddings.prompter_region_fn(model, name), **out)
+  return EmbedFns(img_fn, txt_fn, mesh, tokens, regions)
 
 
 def token_embed_fns(model, head: str = 'filip', mesh=None) -> EmbedFns:
@@ -137,16 +145,19 @@ def host_embed_fns(embed_fns: EmbedFns, params, progress: Progress | None = None
   """
   mesh = embed_fns.mesh
 
+  def put(x):
+    if mesh is None:
+      return x
+    pad = -len(x) % parallel.batch_shards(mesh)
+    if pad:
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return jax.make_array_from_callback(x.shape, parallel.batch_sharding(mesh), lambda index: x[index])
+
   def wrap(fn, what):
-    def call(x):
-      x = np.asarray(x)
-      n = len(x)
-      if mesh is not None:
-        pad = -n % parallel.batch_shards(mesh)
-        if pad:
-          x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-        x = jax.make_array_from_callback(x.shape, parallel.batch_sharding(mesh), lambda index: x[index])
-      out = np.asarray(fn(params, x), np.float32)[:n]
+    def call(*xs):  # Arrays with the same leading dimension (images; images and boxes for regions).
+      xs = [np.asarray(x) for x in xs]
+      n = len(xs[0])
+      out = np.asarray(fn(params, *[put(x) for x in xs]), np.float32)[:n]
       if progress is not None:
         progress.update(what, n)
       return out
@@ -171,7 +182,13 @@ def run_evaluators(config, embed_fns, params, tokenizer, step: int | None = None
       continue
     start = time.perf_counter()
     fns = embed_fns
-    if (ev.get('similarity', 'global') or 'global') == 'filip':
+    if getattr(_module(name, ev), 'EMBEDS', 'global') == 'regions':  # Region evaluators: images and boxes.
+      method = region_embeddings.region_method(ev, embed_fns.regions or {})
+      if method not in (embed_fns.regions or {}):
+        raise ConfigError(f'config.evals.{name}.method={method!r}: the model embeds regions by '
+                          f'{sorted(embed_fns.regions or {})}')
+      fns = embed_fns._replace(image=embed_fns.regions[method])
+    elif (ev.get('similarity', 'global') or 'global') == 'filip':
       head = ev.get('head', 'filip') or 'filip'
       if head not in (embed_fns.tokens or {}):
         raise ConfigError(f"config.evals.{name}.similarity='filip': the model has no FILIP head {head!r}")

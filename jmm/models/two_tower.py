@@ -66,7 +66,8 @@ class TwoTower(nn.Module):
   __call__(batch, train=False) -> outputs. `batch` is a dict holding 'image' [B, H, W, 3] and / or 'text'
   int32 [B, L] (evaluators embed one modality at a time: only that tower runs) and whatever objectives add.
   outputs: 'zimg' / 'ztxt' [B, out_dim] float32 L2-normalised (for the modalities given), 'ztxt_neg' [B, out_dim]
-  when the batch holds 'text_neg' (hard-negative captions, run through the text tower with 'text'), 'img' / 'txt' (each
+  when the batch holds 'text_neg' (hard-negative captions, run through the text tower with 'text'), 'ztxt_regions'
+  [B, R, out_dim] when a head asks for 'text_regions' (its Head.TEXT_FIELDS) and the batch holds them, 'img' / 'txt' (each
   tower's 'encoded' [B, tokens, width] and 'pre_logits' [B, width]), 't' = exp(t) and 'b', and one entry per head.
   """
   image: Mapping[str, Any]
@@ -88,6 +89,15 @@ class TwoTower(nn.Module):
     return nn.map_variables(module_cls, 'params', trans_in_fn=lambda v: jax.tree.map(jax.lax.stop_gradient, v),
                             init=self.is_initializing())
 
+  def _head_text_fields(self) -> tuple[str, ...]:
+    """Batch text fields the heads embed through the text tower (a Head's TEXT_FIELDS, e.g. 'text_regions')."""
+    fields = []
+    for head in (self.heads or {}).values():
+      for f in getattr(config_lib.lookup('models', head['type']).Head, 'TEXT_FIELDS', ()):
+        if f not in fields:
+          fields.append(f)
+    return tuple(fields)
+
   @nn.compact
   def __call__(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, Any]:
     defaults = dict(out_dim=self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -101,14 +111,20 @@ class TwoTower(nn.Module):
       txt_tower = self._tower_cls(text_lib.TextTransformer, 'text')(
           **tower_kwargs(self.text, text_lib.TextTransformer, **defaults), name='txt')
       text = batch['text']
-      negatives = batch.get('text_neg')
-      if negatives is not None:  # Hard-negative captions: one tower call for both, split after.
-        text = jnp.concatenate([text, negatives], axis=0)  # [2B, L]
+      n, length = text.shape
+      # Extra texts embedded by the same tower call, split after: hard-negative captions 'text_neg' [B, L], and
+      # the texts a head asks for by its TEXT_FIELDS (CLOC's per-box phrases 'text_regions' [B, R, L]).
+      extra = [(f, batch[f]) for f in ('text_neg', *self._head_text_fields()) if batch.get(f) is not None]
+      if extra:
+        text = jnp.concatenate([text] + [t.reshape(-1, length) for _, t in extra], axis=0)
       emb, outputs['txt'] = txt_tower(text, train=train)
-      ztxt = l2_normalize(emb)  # [B or 2B, out_dim]
-      if negatives is not None:
-        n = batch['text'].shape[0]
-        outputs['ztxt_neg'] = ztxt[n:]
+      ztxt = l2_normalize(emb)  # [B (+ extra rows), out_dim]
+      if extra:
+        start = n
+        for field, t in extra:
+          rows = math.prod(t.shape[:-1])
+          outputs['ztxt' + field[len('text'):]] = ztxt[start:start + rows].reshape(*t.shape[:-1], -1)
+          start += rows
         ztxt = ztxt[:n]
         outputs['txt'] = jax.tree.map(lambda x: x[:n], outputs['txt'])
       outputs['ztxt'] = ztxt  # [B, out_dim]
