@@ -48,6 +48,10 @@ evaluators score with FILIP's late interaction through `common.similarities` (do
                       ('label'), num_classes (the data's own class count, else max label + 1), l2 (None: chosen
                       from l2_grid on holdout_fraction (0.2) of the training examples, drawn with seed
                       (train_data.seed)) -> top1.
+  region              region recognition on the synthetic data's multi-object images (CLOC): each box's region
+                      embedding (method: a CLOC head's name, or 'pooled' patch tokens) classified among the 96
+                      phrases -> top1, object_top1, colour_top1, shape_top1, size_top1, regions. Its module sets
+                      EMBEDS = 'regions': run_evaluators passes embed_regions(images, boxes) as embed_images.
   fewshot             big_vision's few-shot probe: train_data / label_key / num_classes as linear_probe, shots
                       ((1, 5, 10, 25) images per class, drawn with seed (0), num_seeds (1) draws averaged),
                       l2_reg (2**10, fixed) -> 1shot, 5shot, 10shot, 25shot.
