@@ -39,6 +39,22 @@ def flip(config, mask_ratio: float = 0.5, unmasked_steps: int = 0, loss: str = '
               unmasked_steps=unmasked_steps, patch_size=flip_lib.tower_patch_size(config.model))
 
 
+def mae_decoder(config, width: int = 128, depth: int = 2, num_heads: int = 4, mlp_dim: int = 0,
+                posemb: str = 'sincos2d') -> dict:
+  """A `config.model.heads` entry for MAE's decoder (jmm/models/mae_decoder.py) on `config.model.image`'s patches."""
+  from jmm.objectives import flip as flip_lib  # pylint: disable=g-import-not-at-top
+  return dict(type='mae_decoder', patch_size=flip_lib.tower_patch_size(config.model), width=width, depth=depth,
+              num_heads=num_heads, mlp_dim=mlp_dim, posemb=posemb)
+
+
+def mae(config, mask_ratio: float = 0.75, norm_pix: bool = True, weight: float = 1.0, head: str = 'mae') -> dict:
+  """A `config.objectives` entry for MAE (jmm/objectives/mae.py): reconstruct a random `mask_ratio` of each
+  image's patches (on `config.model.image`'s grid) with the decoder head `head` (`mae_decoder`)."""
+  from jmm.objectives import flip as flip_lib  # pylint: disable=g-import-not-at-top
+  return dict(type='mae', weight=weight, mask_ratio=mask_ratio, norm_pix=norm_pix, head=head,
+              patch_size=flip_lib.tower_patch_size(config.model))
+
+
 def base_config(arg) -> ml_collections.ConfigDict:
   """Everything but the objectives: a two-tower model on the data set named by `arg.data`."""
   c = ml_collections.ConfigDict()
@@ -91,6 +107,8 @@ def base_config(arg) -> ml_collections.ConfigDict:
       # gradient and no optimizer state; it needs init_from unless locked_random_ok (tests, benchmarks).
       locked='',
       locked_random_ok=False,
+      # The towers built: '' = both; 'image' = the image tower alone (MAE, configs/mae.py: no text, no t / b).
+      towers='',
   )
   # Mixture of experts (jmm/models/moe.py, configs/clip_up.py): num_experts=0 is the dense model. Fields: k (top-k),
   # layers ('every_other' = blocks 1, 3, ...; 'all'; 'last_n:N'; '1,3'), towers, capacity_factor (0 = dropless),

@@ -62,6 +62,8 @@ class TwoTower(nn.Module):
   after the towers and adds its outputs under its own name.
   locked: towers ('image', 'text') whose parameters pass through stop_gradient where the tower reads them (LiT,
   Zhai et al. 2022): no backward pass runs through a locked tower, not even for values it sows (MoE statistics).
+  towers: the towers built (config.model.towers); one alone, e.g. ('image',) for MAE (jmm/models/mae_decoder.py),
+  ignores the batch's other modality and has no 't' / 'b', which only score one tower against the other.
 
   __call__(batch, train=False) -> outputs. `batch` is a dict holding 'image' [B, H, W, 3] and / or 'text'
   int32 [B, L] (evaluators embed one modality at a time: only that tower runs) and whatever objectives add.
@@ -79,6 +81,7 @@ class TwoTower(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   heads: Mapping[str, Mapping[str, Any]] | None = None
   locked: tuple[str, ...] = ()
+  towers: tuple[str, ...] = tuple(TOWERS)
 
   def _tower_cls(self, module_cls, tower: str):
     """`module_cls`, or for a locked tower the same module reading its params through stop_gradient."""
@@ -102,12 +105,16 @@ class TwoTower(nn.Module):
   def __call__(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, Any]:
     defaults = dict(out_dim=self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype)
     outputs = {}
-    if batch.get('image') is not None:
+    has = {t: batch.get(t) is not None and t in self.towers for t in TOWERS}
+    if not any(has.values()) and any(batch.get(t) is not None for t in TOWERS):  # e.g. texts, image-only model.
+      raise ValueError(f'TwoTower builds the towers {self.towers} (config.model.towers); the batch has none of '
+                       'their inputs')
+    if has['image']:
       img_tower = self._tower_cls(vit.ViT, 'image')(**tower_kwargs(self.image, vit.ViT, **defaults), name='img')
       # 'image_keep': the patch positions to encode (FLIP's masked training; absent = all, as in evaluation).
       emb, outputs['img'] = img_tower(batch['image'], train=train, keep=batch.get('image_keep'))
       outputs['zimg'] = l2_normalize(emb)  # [B, out_dim]
-    if batch.get('text') is not None:
+    if has['text']:
       txt_tower = self._tower_cls(text_lib.TextTransformer, 'text')(
           **tower_kwargs(self.text, text_lib.TextTransformer, **defaults), name='txt')
       text = batch['text']
@@ -128,11 +135,12 @@ class TwoTower(nn.Module):
         ztxt = ztxt[:n]
         outputs['txt'] = jax.tree.map(lambda x: x[:n], outputs['txt'])
       outputs['ztxt'] = ztxt  # [B, out_dim]
-    # Scalars stay float32 whatever param_dtype is: the logits scale is too sensitive for bf16.
-    t = self.param('t', layers.partitioned(nn.initializers.constant(self.temperature_init), ()), (), jnp.float32)
-    b = self.param('b', layers.partitioned(nn.initializers.constant(self.bias_init), ()), (), jnp.float32)
-    outputs['t'] = jnp.exp(t)
-    outputs['b'] = b
+    if len(self.towers) == len(TOWERS):
+      # Scalars stay float32 whatever param_dtype is: the logits scale is too sensitive for bf16.
+      t = self.param('t', layers.partitioned(nn.initializers.constant(self.temperature_init), ()), (), jnp.float32)
+      b = self.param('b', layers.partitioned(nn.initializers.constant(self.bias_init), ()), (), jnp.float32)
+      outputs['t'] = jnp.exp(t)
+      outputs['b'] = b
     for name, head in (self.heads or {}).items():
       fields = {k: v for k, v in dict(head).items() if k != 'type'}
       outputs[name] = config_lib.lookup('models', head['type']).Head(**fields, name=f'head_{name}')(
@@ -157,7 +165,7 @@ def build(config, vocab_size: int) -> TwoTower:
   heads = {name: _as_dict(head) for name, head in _as_dict(m.get('heads') or {}).items()}
   return TwoTower(image=image, text=text, out_dim=m.out_dim, temperature_init=m.temperature_init,
                   bias_init=m.bias_init, dtype=build_lib.DTYPES[config.get('dtype', 'float32')], heads=heads or None,
-                  locked=locked_towers(config))
+                  locked=locked_towers(config), towers=built_towers(config))
 
 
 def tower_names(value, field: str) -> tuple[str, ...]:
@@ -169,6 +177,11 @@ def tower_names(value, field: str) -> tuple[str, ...]:
   if bad:
     raise ConfigError(f'{field}={bad[0]!r} is not a tower; expected a comma-separated subset of {list(TOWERS)}')
   return names
+
+
+def built_towers(config) -> tuple[str, ...]:
+  """The towers `config.model.towers` builds ('' = both)."""
+  return tower_names(config.model.get('towers', ''), 'config.model.towers') or tuple(TOWERS)
 
 
 def locked_towers(config) -> tuple[str, ...]:
@@ -208,7 +221,13 @@ def validate(config) -> None:
     if not hasattr(config_lib.lookup('models', head['type']), 'Head'):
       raise ConfigError(f'config.model.heads.{name}.type={head["type"]!r} has no Head class')
   moe_lib.validate(config)  # config.model.moe: mixture-of-experts fields (absent or num_experts=0: dense).
-  locked, loaded = locked_towers(config), init_from_params(config)
+  locked, loaded, built = locked_towers(config), init_from_params(config), built_towers(config)
+  for field, value, towers in (('model.locked', config.model.get('locked'), locked),
+                               ('init_from_towers', config.get('init_from_towers'),
+                                [t for t in TOWERS if TOWERS[t] in (loaded or ())])):
+    if set(towers) - set(built):
+      raise ConfigError(f'config.{field}={value!r} names a tower that config.model.towers='
+                        f'{config.model.towers!r} does not build')
   if len(locked) == len(TOWERS) and not config.model.get('heads'):
     raise ConfigError(f'config.model.locked={config.model.locked!r} locks both towers: nothing but the temperature '
                       'and bias would train')
