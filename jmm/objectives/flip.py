@@ -44,7 +44,8 @@ def tower_patch_size(model_config) -> tuple[int, int]:
   return tuple(int(p) for p in patch)
 
 
-def _patch_size(config) -> tuple[int, int]:
+def patch_size_of(config) -> tuple[int, int]:
+  """The objective section's patch_size as (ph, pw) (an int means a square patch)."""
   patch = config.get('patch_size')
   if isinstance(patch, int):
     patch = (patch, patch)
@@ -60,9 +61,14 @@ def validate(config) -> None:
   steps = config.get('unmasked_steps', 0)
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     raise ConfigError(f'unmasked_steps must be an integer >= 0, got {steps!r}')
+  validate_patch_size(config)
+
+
+def validate_patch_size(config) -> None:
+  """patch_size: the image tower's [ph, pw], positive integers (the recipe helpers fill it in)."""
   patch = config.get('patch_size')
   if patch is None:
-    raise ConfigError('patch_size is missing: the image tower\'s [ph, pw] (jmm.recipes.flip fills it in)')
+    raise ConfigError('patch_size is missing: the image tower\'s [ph, pw] (jmm.recipes fills it in)')
   patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
   if len(patch) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch):
     raise ConfigError(f'patch_size must be two positive integers [ph, pw], got {config.get("patch_size")!r}')
@@ -71,8 +77,8 @@ def validate(config) -> None:
 def check_model(model_config, config) -> None:
   """The positions are drawn on the image tower's patch grid: patch_size must be the tower's."""
   tower = tower_patch_size(model_config)
-  if _patch_size(config) != tower:
-    raise ConfigError(f'patch_size={tuple(_patch_size(config))} differs from the image tower\'s patch size {tower} '
+  if patch_size_of(config) != tower:
+    raise ConfigError(f'patch_size={tuple(patch_size_of(config))} differs from the image tower\'s patch size {tower} '
                       '(config.model.image): masks would be drawn on the wrong grid; set it to the tower\'s')
 
 
@@ -106,7 +112,7 @@ def prepare(step, key, batch, config, phase: int = 0) -> dict:
   if phase or not ratio:
     return {}
   batch_size, height, width, _ = batch['image'].shape
-  ph, pw = _patch_size(config)
+  ph, pw = patch_size_of(config)
   n = (height // ph) * (width // pw)
   return {KEEP: keep_indices(key, batch_size, n, num_kept(n, ratio))}
 
@@ -117,6 +123,6 @@ def loss(outputs, batch, config):
   visible = 1.0
   if batch.get(KEEP) is not None:
     _, height, width, _ = batch['image'].shape
-    ph, pw = _patch_size(config)
+    ph, pw = patch_size_of(config)
     visible = batch[KEEP].shape[1] / ((height // ph) * (width // pw))
   return value, {**metrics, 'visible': jnp.asarray(visible, jnp.float32)}
