@@ -300,10 +300,13 @@ class MultiHeadAttention(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, causal: bool = False, segment_ids=None):
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, causal: bool = False, segment_ids=None,
+               return_qk: bool = False):
     """inputs_q [B, Tq, width], inputs_kv [B, Tk, width] (None: self-attention), mask bool ~[B, H, Tq, Tk].
 
     causal / segment_ids go to the kernel as such (see `kernels.attention`), so flash kernels need no dense mask.
+    return_qk: (output, q, k) with q [B, Tq, H, D] and k [B, Tk, H, D], for a caller that needs the attention
+    pattern (EViT's attentiveness, `jmm.models.evit`) whichever kernel ran.
     """
     self_attention = inputs_kv is None or inputs_kv is inputs_q
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
@@ -326,7 +329,8 @@ class MultiHeadAttention(nn.Module):
                                               impl=self.attention_impl)  # [B, Tq, H, D]
     out_params = DenseParams((self.num_heads, head_dim), (width,), ('heads', 'kv', 'embed'), ('embed',),
                              self.param_dtype, name='out')()
-    return token_matmul(out, *out_params, n_in=2, dtype=self.dtype)  # [B, Tq, width]
+    out = token_matmul(out, *out_params, n_in=2, dtype=self.dtype)  # [B, Tq, width]
+    return (out, q, k) if return_qk else out
 
 
 class MAPHead(nn.Module):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jmm import config as config_lib
 from jmm.errors import ConfigError
 from jmm.models import build as build_lib
+from jmm.models import evit as evit_lib
 from jmm.models import layers
 from jmm.models import moe as moe_lib
 from jmm.models import text as text_lib
@@ -221,6 +222,7 @@ def validate(config) -> None:
     if not hasattr(config_lib.lookup('models', head['type']), 'Head'):
       raise ConfigError(f'config.model.heads.{name}.type={head["type"]!r} has no Head class')
   moe_lib.validate(config)  # config.model.moe: mixture-of-experts fields (absent or num_experts=0: dense).
+  evit_lib.validate(config)  # config.model.image.evit: EViT token reorganisation (absent: off).
   locked, loaded, built = locked_towers(config), init_from_params(config), built_towers(config)
   for field, value, towers in (('model.locked', config.model.get('locked'), locked),
                                ('init_from_towers', config.get('init_from_towers'),

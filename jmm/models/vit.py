@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmm.models import encoder
+from jmm.models import evit as evit_lib
 from jmm.models import layers
 from jmm.models.variants import VARIANTS  # noqa: F401  (re-exported)
 from jmm.models.variants import decode_variant  # noqa: F401  (re-exported)
@@ -61,6 +62,10 @@ class ViT(nn.Module):
   pixel_mean / pixel_std (per channel, on [0, 1] pixels): the input normalisation the weights were trained
   with when it is not jmm's [-1, 1] (CLIP: OpenAI's mean / std). Images always arrive in [-1, 1]; the tower
   maps them, so training, evaluation and benchmarks feed every model the same way.
+  evit: EViT token reorganisation (Liang et al. 2022; `jmm.models.evit`), dict(layers=..., keep_rate=...): the
+  blocks in `layers` keep ceil(keep_rate * candidates) of their tokens, ranked by the class token's attention
+  ('tok') or the mean attention each token receives ('gap', 'map'), and fuse the rest into one; training and
+  evaluation alike. 'encoded' is then the last block's [B, (1 +) kept + 1, width]. None / {}: off, no change.
   """
   width: int
   depth: int
@@ -84,6 +89,7 @@ class ViT(nn.Module):
   moe: Any = None  # config.model.moe fields (jmm.models.moe): mixture-of-experts MLPs in some blocks.
   pixel_mean: Sequence[float] | None = None
   pixel_std: Sequence[float] | None = None
+  evit: Any = None
 
   @nn.compact
   def __call__(self, image, train: bool = False, keep=None):
@@ -126,9 +132,11 @@ class ViT(nn.Module):
       x = layers.add_position_embedding(x, posemb.astype(self.dtype))  # [B, 1 + tokens, D]
     if self.ln_pre:
       x = layers.layer_norm(name='ln_pre', epsilon=self.norm_eps, **kw)(x)
+    evit_layers, keep_rate = evit_lib.parse(self.evit, self.depth)  # ((), 1.0) when off.
     x = encoder.Encoder(self.depth, self.mlp_dim, self.num_heads, attention_impl=self.attention_impl,
                         remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, activation=self.activation,
-                        norm_eps=self.norm_eps, moe=self.moe, name='encoder', **kw)(x)
+                        norm_eps=self.norm_eps, moe=self.moe, evit_layers=evit_layers, evit_keep_rate=keep_rate,
+                        evit_cls_token=self.pool_type == 'tok', name='encoder', **kw)(x)
     emb, pooled = layers.pool_and_project(
         x, self.pool_type, POOL_TYPES, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
         attention_impl=self.attention_impl, activation=self.activation, norm_eps=self.norm_eps,
