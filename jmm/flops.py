@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from jmm.models import evit as evit_lib
 from jmm.models import text as text_lib
 from jmm.models import two_tower
 from jmm.models import vit
@@ -29,6 +30,27 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
   return 2 * depth * per_block
 
 
+def evit_encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int, evit,
+                       cls_token: bool) -> tuple[int, int, int]:
+  """(forward FLOPs of the blocks, of the attentiveness, tokens after the last block) of an encoder with EViT
+  reorganisation blocks (`jmm.models.evit`; `evit` a tower's field, None: none).
+
+  Each block as in `encoder_flops` on the tokens it receives, except that a reorganisation block's MLP runs on the
+  tokens it keeps and it adds the fused token's weighted sum (one multiply-add per fused token and channel). The
+  attentiveness logits (a class token's row, T * D multiply-adds, or every query's, T^2 * D) are apart: they run
+  under stop_gradient, forward only.
+  """
+  layers, keep_rate = evit_lib.parse(evit, depth)
+  macs = attentiveness = 0
+  for t_in, keep, t_out in evit_lib.schedule(tokens, depth, layers, keep_rate, cls_token):
+    macs += 4 * t_in * width * width + 2 * t_in * t_in * width + 2 * t_out * width * mlp_dim
+    if keep:
+      macs += (t_in - int(cls_token) - keep) * width
+      attentiveness += (t_in if cls_token else t_in * t_in) * width
+    tokens = t_out
+  return 2 * macs, 2 * attentiveness, tokens
+
+
 def map_head_flops(tokens: int, width: int, mlp_dim: int) -> int:
   """Forward FLOPs of the MAP head (one probe query attending to `tokens` tokens, then an MLP) per example."""
   macs = (width * width            # probe -> query
@@ -42,17 +64,24 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> int:
 def tower_flops(sizes: Mapping[str, Any], tokens: int, patch_pixels: int = 0) -> dict:
   """Forward FLOPs per example of one tower, split into 'embed' (patch embedding), 'encoder' and 'head'.
 
-  `sizes` holds width, depth, mlp_dim, pool_type and out_dim (None: no linear head); `tokens` is the
+  `sizes` holds width, depth, mlp_dim, pool_type and out_dim (None: no linear head), and for an image tower
+  optionally evit (EViT: fewer tokens after its reorganisation blocks, and a part 'evit', its attentiveness;
+  `evit_encoder_flops`); `tokens` is the
   sequence length the encoder sees; `patch_pixels` = patch_h * patch_w * channels for an image tower, 0 for
   text (a token embedding is a gather, not a matmul).
   """
   width, mlp_dim = sizes['width'], sizes['mlp_dim']
   embed = 2 * tokens * patch_pixels * width
-  encoder = encoder_flops(tokens, width, sizes['depth'], mlp_dim)
+  evit = {}
+  if sizes.get('evit'):
+    encoder, evit['evit'], tokens = evit_encoder_flops(tokens, width, sizes['depth'], mlp_dim, sizes['evit'],
+                                                       sizes.get('pool_type') == 'tok')
+  else:
+    encoder = encoder_flops(tokens, width, sizes['depth'], mlp_dim)
   head = map_head_flops(tokens, width, mlp_dim) if sizes.get('pool_type') == 'map' else 0
   if sizes.get('out_dim'):  # None or 0: no head.
     head += 2 * width * sizes['out_dim']
-  return {'embed': embed, 'encoder': encoder, 'head': head}
+  return {'embed': embed, 'encoder': encoder, 'head': head, **evit}
 
 
 def _sizes(tower: Mapping[str, Any], module_cls, out_dim: int) -> dict:
@@ -85,12 +114,14 @@ def model_flops(config, batch_size: int | None = None) -> dict:
   loss = 2 * batch * texts * batch * out_img
   image_fwd, text_fwd = batch * sum(img_parts.values()), texts * batch * sum(txt_parts.values())
   forward = image_fwd + text_fwd + loss
-  # Backward = 2x forward, less the patch embedding's input gradient (images are not differentiated). A locked
-  # tower (config.model.locked) runs forward only: no input or weight gradients.
+  # Backward = 2x forward, less the patch embedding's input gradient (images are not differentiated) and EViT's
+  # attentiveness (under stop_gradient: no backward). A locked tower (config.model.locked) runs forward only: no
+  # input or weight gradients.
   locked = two_tower.locked_towers(config)
-  train_step = 3 * forward - batch * img_parts['embed']
+  image_bwd = 2 * image_fwd - batch * (img_parts['embed'] + 2 * img_parts.get('evit', 0))
+  train_step = forward + image_bwd + 2 * (text_fwd + loss)
   if 'image' in locked:
-    train_step -= 2 * image_fwd - batch * img_parts['embed']
+    train_step -= image_bwd
   if 'text' in locked:
     train_step -= 2 * text_fwd
   train_step -= len(locked) * loss  # The logits' gradient for a locked side's embeddings is not formed either.
