@@ -22,6 +22,11 @@ TINY = [
     '--config.evals.zeroshot.batch_size=48',
     # Off unless a test reads them (EVALS): the final evaluation is most of a tiny run's time.
     '--config.evals.retrieval.every=-1', '--config.evals.linear_probe.every=-1',
+    # XLA's matmuls: 'auto' first compiles each train step with oneDNN matmuls, which these tiny models refuse
+    # (a fusion oneDNN may not run), then compiles it again: 8-10 s per run, as oneDNN programs never reach the
+    # persistent cache. The check and the fallback are tests/test_cpu_matmuls.py's; in-process train.run tests
+    # keep the default.
+    '--config.cpu_matmuls=xla',
 ]
 EVALS = [
     '--config.evals.retrieval.every=0', '--config.evals.retrieval.data.num_examples=48',
@@ -29,6 +34,13 @@ EVALS = [
     '--config.evals.linear_probe.data.num_examples=48', '--config.evals.linear_probe.train_data.num_examples=96',
     '--config.evals.linear_probe.batch_size=48',
 ]
+
+
+# The interrupted-and-resumed runs: a constant schedule after the default 100 warmup steps, so every step's lr
+# follows the restored step counter (steps 1-100 ramp) whatever a run's total_steps; the runs of both tests then
+# compile one train step program (read back from the persistent cache after the first). No evaluator: nothing
+# there reads one.
+RESUME = ['--config.optim.schedule=constant', '--config.evals.zeroshot.every=-1']
 
 
 def _cli(workdir, *extra, config='configs/siglip.py:res=32', module='jmm.main', check=False, tiny=True, **kw):
@@ -63,7 +75,7 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-  steps = ['--config.total_steps=8', '--config.checkpoint.every=4']
+  steps = [*RESUME, '--config.total_steps=8', '--config.checkpoint.every=4']
   straight = str(tmp_path / 'straight')
   _cli(straight, *steps, check=True)
 
@@ -122,7 +134,7 @@ def test_training_learns_and_writes_final_metrics(tmp_path):
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
   """SIGTERM saves at the next step boundary and exits 0; resuming from that checkpoint gives the parameters an
   uninterrupted run reaches (a constant schedule, so the first run's total_steps does not shape the lr)."""
-  flags = ['--config.optim.schedule=constant', '--config.optim.warmup_steps=2', '--config.checkpoint.every=100000']
+  flags = [*RESUME, '--config.checkpoint.every=100000']
   workdir = str(tmp_path / 'run')
   cmd = [sys.executable, '-m', 'jmm.main', '--config=configs/siglip.py:res=32', f'--workdir={workdir}',
          *TINY, *flags, '--config.total_steps=100000']
