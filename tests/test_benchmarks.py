@@ -26,9 +26,12 @@ def test_train_step_writes_json(tmp_path):
   out, results = tmp_path / 'run.json', tmp_path / 'results.jsonl'
   stdout = _run(['benchmarks/train_step.py', '--config=configs/siglip.py:res=16,batch=4', '--steps=2',
                  '--warmup=1', '--text_len=8', '--config.model.image.depth=1', '--config.model.text.depth=1',
-                 '--peak_matmul_size=256', f'--out={out}', f'--results={results}', '--label=smoke'], tmp_path)
+                 '--peak_matmul_size=256', f'--out={out}', f'--results={results}', '--label=smoke',
+                 # oneDNN refuses a fusion of this tiny step and 'auto' falls back to XLA's matmuls after a
+                 # wasted compile (8-10 s); asking for them times the same program.
+                 '--config.cpu_matmuls=xla'], tmp_path)
   record = json.loads(out.read_text())
-  assert record['label'] == 'smoke' and record['step']['n'] == 2
+  assert record['label'] == 'smoke' and record['step']['n'] == 2 and record['matmuls'] == 'xla'
   assert record['step']['median_s'] > 0 and record['images_per_s'] > 0
   assert record['config']['batch_size'] == 4 and record['config']['text_len'] == 8
   # The analytic count agrees with XLA's cost analysis of the compiled step within 10%, plus elementwise work:
