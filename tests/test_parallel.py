@@ -114,9 +114,13 @@ def test_params_and_optimizer_state_are_sharded():
 
 
 def test_same_loss_curve_on_every_mesh():
+  """Every mesh, each initialising its own parameters, and every sharded loss impl give the data=8 loss curve.
+  Each run compiles a train step, so each shows something the others do not: the dense loss on the
+  FSDP + tensor mesh, 'ring' there, 'bidir' on the FSDP-only mesh (whose dense-loss run repeated code paths the
+  others cover)."""
   batches = _batches(4)
   curves = {}
-  runs = [(spec, 'dense') for spec in MESHES] + [(MESHES[2], 'ring'), (MESHES[1], 'bidir')]
+  runs = [(MESHES[0], 'dense'), (MESHES[2], 'dense'), (MESHES[2], 'ring'), (MESHES[1], 'bidir')]
   for spec, impl in runs:
     config = _config(spec)
     config.objectives.sigmoid.impl = impl
@@ -129,22 +133,22 @@ def test_same_loss_curve_on_every_mesh():
 
 
 def test_hard_negatives_same_loss_curve_on_every_mesh():
-  """hard_negatives=True (the default recipe's): batches with 'text_neg' train the same on one device as on
-  FSDP and tensor-parallel meshes."""
+  """hard_negatives=True (the default recipe's): batches with 'text_neg' train the same on data=8 as on
+  data=2,fsdp=2,tensor=2 (4 batch shards, the batch replicated over the tensor axis, parameters split over FSDP
+  and tensor axes). data=2,fsdp=4 would split the batch 8 ways like data=8; its FSDP is covered above."""
   rng = np.random.default_rng(5)
   # One batch four times, so that "it trains" reads a falling loss, not the next batch's difficulty.
   batch = _batches(1)[0]
   batches = [dict(batch, text_neg=rng.integers(3, VOCAB, batch['text'].shape).astype(np.int32))] * 4
   curves = {}
-  for spec in MESHES:
+  for spec in (MESHES[0], MESHES[2]):
     config = _config(spec)
     config.objectives.sigmoid.hard_negatives = True
     mesh, state, _, step = _setup(config)
     _, curves[spec] = _train(mesh, state, step, batches)
   reference = curves[MESHES[0]]
   assert reference[-1] < reference[0]
-  for spec in MESHES[1:]:
-    np.testing.assert_allclose(curves[spec], reference, rtol=2e-5, err_msg=spec)
+  np.testing.assert_allclose(curves[MESHES[2]], reference, rtol=2e-5)
 
 
 def test_checkpoint_from_one_mesh_restores_on_another(tmp_path):
