@@ -36,11 +36,11 @@ EVALS = [
 ]
 
 
-# The interrupted-and-resumed runs: a constant schedule after the default 100 warmup steps, so every step's lr
-# follows the restored step counter (steps 1-100 ramp) whatever a run's total_steps; the runs of both tests then
-# compile one train step program (read back from the persistent cache after the first). No evaluator: nothing
-# there reads one.
-RESUME = ['--config.optim.schedule=constant', '--config.evals.zeroshot.every=-1']
+# A constant schedule after the default 100 warmup steps: the lr ramps with the step counter (a resumed run
+# that restored it wrong diverges) whatever a run's total_steps, so the runs of the SIGKILL, SIGTERM and learning
+# tests compile one train step program, read back from the persistent cache after the first (16 s a compile).
+SCHEDULE = ['--config.optim.schedule=constant']
+NO_EVALS = ['--config.evals.zeroshot.every=-1']  # For runs whose evaluation nothing reads.
 
 
 def _cli(workdir, *extra, config='configs/siglip.py:res=32', module='jmm.main', check=False, tiny=True, **kw):
@@ -75,7 +75,7 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-  steps = [*RESUME, '--config.total_steps=8', '--config.checkpoint.every=4']
+  steps = [*SCHEDULE, *NO_EVALS, '--config.total_steps=8', '--config.checkpoint.every=4']
   straight = str(tmp_path / 'straight')
   _cli(straight, *steps, check=True)
 
@@ -99,8 +99,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_training_learns_and_writes_final_metrics(tmp_path):
   workdir = str(tmp_path / 'run')
-  proc = _cli(workdir, '--config.total_steps=60', '--config.optim.warmup_steps=5',
-              '--config.checkpoint.every=1000', *EVALS, check=True)
+  proc = _cli(workdir, *SCHEDULE, '--config.total_steps=60', '--config.checkpoint.every=1000', *EVALS, check=True)
   assert 'img/s' in proc.stdout and 'eta' in proc.stdout
   # A quiet terminal: set-up lines, progress lines and evaluation lines; no library INFO logging.
   assert 'INFO' not in proc.stderr and 'I1' not in proc.stderr[:2], proc.stderr[-2000:]
@@ -134,7 +133,7 @@ def test_training_learns_and_writes_final_metrics(tmp_path):
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
   """SIGTERM saves at the next step boundary and exits 0; resuming from that checkpoint gives the parameters an
   uninterrupted run reaches (a constant schedule, so the first run's total_steps does not shape the lr)."""
-  flags = [*RESUME, '--config.checkpoint.every=100000']
+  flags = [*SCHEDULE, *NO_EVALS, '--config.checkpoint.every=100000']
   workdir = str(tmp_path / 'run')
   cmd = [sys.executable, '-m', 'jmm.main', '--config=configs/siglip.py:res=32', f'--workdir={workdir}',
          *TINY, *flags, '--config.total_steps=100000']
