@@ -88,6 +88,19 @@ def validate(config) -> list[Term]:
   return terms
 
 
+def check_head(model_config, config, default: str, head_type: str) -> None:
+  """For `check_model`: config.model.heads holds the head the section's `head` names (default `default`), of
+  type `head_type` (or a module path ending in it); ConfigError naming the field otherwise."""
+  name = config.get('head', default)
+  heads = model_config.get('heads') or {}
+  if name not in heads:
+    raise ConfigError(f"head={name!r} is not in config.model.heads ({sorted(heads)}); add "
+                      f"config.model.heads.{name} = dict(type={head_type!r})")
+  if not str(heads[name].get('type', '')).endswith(head_type):
+    raise ConfigError(f"head={name!r}: config.model.heads.{name}.type={heads[name].get('type')!r} is not "
+                      f"{head_type!r}")
+
+
 def batch_fields(terms) -> tuple[str, ...]:
   """Every batch field the terms need beyond 'image' and 'text', sorted."""
   fields = set()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jmm import objectives as objectives_lib
 from jmm.errors import ConfigError
 
 _WEIGHTS = ('region_weight', 'grounding_weight', 'l1_weight', 'giou_weight')
@@ -53,14 +54,7 @@ def validate(config) -> None:
 
 def check_model(model_config, config) -> None:
   """config.model.heads must hold the head named by `head`, of type 'cloc_head' (or a module path to one)."""
-  name = config.get('head', 'cloc')
-  heads = model_config.get('heads') or {}
-  if name not in heads:
-    raise ConfigError(f"head={name!r} is not in config.model.heads ({sorted(heads)}); add "
-                      f"config.model.heads.{name} = dict(type='cloc_head')")
-  if not str(heads[name].get('type', '')).endswith('cloc_head'):
-    raise ConfigError(f"head={name!r}: config.model.heads.{name}.type={heads[name].get('type')!r} is not "
-                      "'cloc_head'")
+  objectives_lib.check_head(model_config, config, 'cloc', 'cloc_head')
 
 
 def batch_fields(config) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jmm import objectives as objectives_lib
 from jmm.errors import ConfigError
 from jmm.kernels.mesh_axes import batch_axes
 from jmm.models import filip_head
@@ -73,14 +74,7 @@ def validate(config) -> None:
 
 def check_model(model_config, config) -> None:
   """config.model.heads must hold the head named by `head`, of type 'filip_head' (or a module path to one)."""
-  name = config.get('head', 'filip')
-  heads = model_config.get('heads') or {}
-  if name not in heads:
-    raise ConfigError(f"head={name!r} is not in config.model.heads ({sorted(heads)}); add "
-                      f"config.model.heads.{name} = dict(type='filip_head')")
-  if not str(heads[name].get('type', '')).endswith('filip_head'):
-    raise ConfigError(f"head={name!r}: config.model.heads.{name}.type={heads[name].get('type')!r} is not "
-                      "'filip_head'")
+  objectives_lib.check_head(model_config, config, 'filip', 'filip_head')
 
 
 def _column_lse(logits, axes):
